@@ -1,0 +1,193 @@
+"""The ``lowbit-deploy`` command line: each subcommand parses, calls one library function, and prints.
+
+Every command ends with one line ``PASSED|FAILED | Runtime: Ns | Command: ...``. User errors print a message and
+exit with status 2, without a traceback; internal errors keep theirs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import UserError
+
+RECIPE = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+
+
+def _command_line() -> str:
+    return " ".join(["lowbit-deploy", *sys.argv[1:]])
+
+
+def _finish(passed: bool, started: float) -> None:
+    verdict = "PASSED" if passed else "FAILED"
+    click.echo(f"{verdict} | Runtime: {time.perf_counter() - started:.1f}s | Command: {_command_line()}")
+    if not passed:
+        sys.exit(1)
+
+
+def stage(func):
+    """Wrap a subcommand: time it, turn UserError into a clean message + exit 2, print the closing line."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            passed = func(*args, **kwargs)
+        except UserError as error:
+            click.echo(f"error: {error}", err=True)
+            click.echo(f"FAILED | Runtime: {time.perf_counter() - started:.1f}s | Command: {_command_line()}")
+            sys.exit(2)
+        _finish(passed is not False, started)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lowbit-deploy")
+def main() -> None:
+    """Quantize a diffusers UNet to 1-8-bit weights, export packed ONNX, build TensorRT engines with low-bit
+    plugins, and validate every artifact against PyTorch.
+
+    Typical use: `lowbit-deploy run recipes/tiny-w2-balanced.yaml --out runs/w2` (all stages), or the stages one by
+    one: train -> export -> build -> validate on the same RUN_DIR.
+    """
+
+
+@main.command()
+@RECIPE
+@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory to write the checkpoint (and later artifacts) into.")
+@click.option("--model", "model_path", default=None,
+              help="Local diffusers checkpoint folder (overrides the recipe's model.path; default: embedded model).")
+@click.option("--steps", type=int, default=None, help="Override train.steps (0 = post-training quantization only).")
+@click.option("--resume", is_flag=True, help="Continue the checkpoint already in --out from its last saved step.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@stage
+def train(recipe: Path, run_dir: Path, model_path: str | None, steps: int | None, resume: bool,
+          progress: bool) -> bool:
+    """Quantization-aware training of the UNet named by RECIPE (distillation from its float teacher)."""
+    from .qat.trainer import train as run_training
+    from .recipes import load_recipe
+
+    result = run_training(load_recipe(recipe), run_dir, model_path=model_path, steps=steps, resume=resume,
+                          progress=progress)
+    click.echo(f"checkpoint: {result.checkpoint}  ({result.quantized_layers} quantized layers, "
+               f"{result.average_bits:.2f} average bits, loss {result.first_loss} -> {result.last_loss})")
+    return True
+
+
+@main.command()
+@RUN_DIR
+@stage
+def export(run_dir: Path) -> bool:
+    """Export RUN_DIR's checkpoint to RUN_DIR/model.onnx with packed low-bit weights (lowbit::UnpackDequantize)."""
+    from .export.onnx_export import export_run
+
+    report = export_run(run_dir)
+    click.echo(f"onnx: {report.onnx_path}  {report.onnx_bytes:,} bytes, {report.lowbit_nodes} lowbit nodes")
+    if report.fp16_onnx_bytes:
+        click.echo(f"fp16 reference: {report.fp16_onnx_bytes:,} bytes  (packed is {report.size_ratio_vs_fp16:.2f}x "
+                   f"smaller)")
+    return True
+
+
+@main.command()
+@RUN_DIR
+@click.option("--compute-capability", "compute_capabilities", multiple=True,
+              help="Target GPU compute capability for ahead-of-time builds, e.g. 8.9; repeatable "
+                   "(default: the recipe's build.compute_capabilities).")
+@click.option("--fp16-reference/--no-fp16-reference", default=True,
+              help="Also build an engine from model_fp16.onnx to report the size ratio.")
+@stage
+def build(run_dir: Path, compute_capabilities: tuple[str, ...], fp16_reference: bool) -> bool:
+    """Build RUN_DIR/model.engine (TensorRT, or TensorRT-RTX ahead of time) with low-bit plugin layers."""
+    from .pipeline import build_run
+
+    report = build_run(run_dir, list(compute_capabilities) or None, fp16_reference).report
+    click.echo(f"engine: {report['engine_path']}  {report['engine_bytes']:,} bytes, "
+               f"{report['plugin_layers']} plugin layers, backend {report['backend']}")
+    if "fp16_engine_bytes" in report:
+        click.echo(f"fp16 engine: {report['fp16_engine_bytes']:,} bytes  (packed is "
+                   f"{report['size_ratio_vs_fp16_engine']:.2f}x smaller)")
+    return True
+
+
+@main.command()
+@RUN_DIR
+@click.option("--max-abs", type=float, default=None, help="Max absolute difference allowed per output.")
+@click.option("--max-rel", type=float, default=None, help="Max relative difference allowed per output.")
+@click.option("--min-cosine", type=float, default=None, help="Min cosine similarity per output.")
+@click.option("--min-sqnr-db", type=float, default=None, help="Min signal-to-quantization-noise ratio (dB).")
+@click.option("--min-psnr-db", type=float, default=None, help="Min PSNR of ORT vs PyTorch samples (dB).")
+@click.option("--samples", type=int, default=None, help="Number of samples in the sampling comparison.")
+@click.option("--sampling-steps", type=int, default=None, help="Scheduler steps in the sampling comparison.")
+@click.option("--skip-sampling", is_flag=True, help="Only compare outputs, no end-to-end sampling.")
+@stage
+def validate(run_dir: Path, max_abs, max_rel, min_cosine, min_sqnr_db, min_psnr_db, samples, sampling_steps,
+             skip_sampling: bool) -> bool:
+    """Compare every artifact in RUN_DIR with the PyTorch quantized model; exit 1 if any tolerance fails.
+
+    Tolerances default to the recipe's validate section; flags override them.
+    """
+    from .qat.checkpoint import load_checkpoint
+    from .validate.parity import validate_run
+
+    config = load_checkpoint(run_dir).recipe.validate_
+    tolerance_overrides = {k: v for k, v in dict(max_abs=max_abs, max_rel=max_rel, min_cosine=min_cosine,
+                                                 min_sqnr_db=min_sqnr_db).items() if v is not None}
+    sampling_overrides = {k: v for k, v in dict(min_psnr_db=min_psnr_db, num_samples=samples,
+                                                num_steps=sampling_steps).items() if v is not None}
+    report = validate_run(run_dir, tolerances=config.tolerances.model_copy(update=tolerance_overrides),
+                          sampling=config.sampling.model_copy(update=sampling_overrides),
+                          skip_sampling=skip_sampling)
+    _print_validation(report.to_dict())
+    return report.passed
+
+
+def _print_validation(report: dict) -> None:
+    for item in report["parity"]:
+        stats = item["stats"]
+        detail = "" if not stats else (f"  max_abs={stats['max_abs']} max_rel={stats['max_rel']} "
+                                       f"cosine={stats['cosine']} sqnr_db={stats['sqnr_db']}")
+        click.echo(f"[{item['artifact']}] {item['status']}{detail}")
+        for failure in item["failures"]:
+            click.echo(f"    {failure}")
+    sampling = report["sampling"]
+    click.echo("[sampling] " + ", ".join(f"{k}={v}" for k, v in sampling.items()))
+
+
+@main.command()
+@RECIPE
+@click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory for every artifact (must not hold a checkpoint yet).")
+@click.option("--model", "model_path", default=None, help="Local diffusers checkpoint folder to quantize.")
+@click.option("--steps", type=int, default=None, help="Override train.steps.")
+@click.option("--build/--no-build", default=True, help="Build the TensorRT engine (needs TensorRT or TensorRT-RTX).")
+@click.option("--progress/--no-progress", default=True)
+@stage
+def run(recipe: Path, run_dir: Path, model_path, steps, build: bool, progress: bool) -> bool:
+    """All stages in one RUN_DIR: train -> export -> build -> validate; writes report.json, report.md, samples.png."""
+    from .pipeline import run_pipeline
+
+    summary = run_pipeline(recipe, run_dir, model_path=model_path, steps=steps, progress=progress, build=build)
+    click.echo(f"train: {json.dumps(summary['train'])}")
+    export_report = summary["export"]
+    click.echo(f"export: {export_report['onnx_bytes']:,} bytes packed ONNX vs {export_report['fp16_onnx_bytes']:,} "
+               f"fp16 ({export_report['size_ratio_vs_fp16']:.2f}x)")
+    build_report = summary["build"]
+    click.echo("build: " + (build_report["status"] if build_report["status"] != "built" else
+                            f"{build_report['engine_bytes']:,} bytes engine, {build_report['plugin_layers']} plugin "
+                            f"layers"))
+    _print_validation(summary["validate"])
+    click.echo(f"report: {run_dir / 'report.md'}")
+    return summary["validate"]["passed"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,86 @@
+"""Stage functions over a run directory, and ``run`` which chains them.
+
+A run directory holds one chain's artifacts: ``checkpoint/``, ``model.onnx`` (packed), ``model_fp16.onnx``
+(reference for sizes), ``model.engine``, ``report.json``, ``report.md`` and ``samples.png``. Each stage reads the
+previous stage's artifact from it and adds its own entry to ``report.json``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .io import update_report
+from .recipes import Recipe, load_recipe
+
+
+def parse_compute_capability(text: str) -> tuple[int, int]:
+    try:
+        major, minor = (int(part) for part in text.split("."))
+    except ValueError:
+        raise UserError(f"compute capability {text!r} is not MAJOR.MINOR, e.g. 8.9 (RTX 40xx) or 12.0") from None
+    return major, minor
+
+
+@dataclass
+class BuildOutcome:
+    status: str  # "built" | "not run: <reason>"
+    report: dict
+
+
+def build_run(run_dir: str | Path, compute_capabilities: list[str] | None = None,
+              fp16_reference: bool = True) -> BuildOutcome:
+    """The ``build`` stage: ``model.onnx`` -> ``model.engine`` (plugin layers for every lowbit node)."""
+    from .build.engine import build_engine
+    from .qat.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    onnx_path = run_dir / "model.onnx"
+    if not onnx_path.is_file():
+        raise UserError(f"no ONNX model at {onnx_path}; run `lowbit-deploy export {run_dir}` first")
+    config = load_checkpoint(run_dir).recipe.build
+    capabilities = [parse_compute_capability(cc) for cc in (compute_capabilities or config.compute_capabilities)]
+    batches = (config.min_batch, config.opt_batch, config.max_batch)
+    report = build_engine(onnx_path, run_dir / "model.engine", compute_capabilities=capabilities,
+                          batch_range=batches).to_dict()
+    fp16_path = run_dir / "model_fp16.onnx"
+    if fp16_reference and fp16_path.is_file():
+        fp16 = build_engine(fp16_path, run_dir / "model_fp16.engine", compute_capabilities=capabilities,
+                            batch_range=batches).to_dict()
+        report["fp16_engine_bytes"] = fp16["engine_bytes"]
+        report["size_ratio_vs_fp16_engine"] = fp16["engine_bytes"] / report["engine_bytes"]
+    update_report(run_dir, "build", report)
+    return BuildOutcome("built", report)
+
+
+def run_pipeline(recipe_path: str | Path, out: str | Path, *, model_path: str | None = None,
+                 steps: int | None = None, progress: bool = True, build: bool = True) -> dict:
+    """``lowbit-deploy run``: train -> export -> build -> validate into one run directory."""
+    from .export.onnx_export import export_run
+    from .qat.trainer import train
+    from .validate.parity import validate_run
+
+    recipe: Recipe = load_recipe(recipe_path)
+    out = Path(out)
+    summary: dict = {"run_dir": str(out)}
+    summary["train"] = train(recipe, out, model_path=model_path, steps=steps, progress=progress).summary()
+    summary["export"] = export_run(out).to_dict()
+    if build:
+        summary["build"] = _build_or_reason(out)
+    else:
+        summary["build"] = {"status": "not run: --no-build"}
+        update_report(out, "build", summary["build"])
+    summary["validate"] = validate_run(out).to_dict()
+    return summary
+
+
+def _build_or_reason(run_dir: Path) -> dict:
+    from .build import backend_unavailable_reason
+
+    reason = backend_unavailable_reason()
+    if reason:
+        entry = {"status": f"not run: {reason}"}
+        update_report(run_dir, "build", entry)
+        return entry
+    return {"status": "built", **build_run(run_dir).report}

@@ -1,0 +1,70 @@
+"""Training batches for QAT: clean samples x0 and their conditions, from a registry of data sources.
+
+``digits``   -- the embedded default's real images (scikit-learn digits) with their class prompts.
+``gaussian`` -- data-free: x0 ~ N(0, I) in the UNet's sample shape, random conditions. Works for any checkpoint
+                (e.g. SD1.5 latents are roughly unit-variance); the teacher defines the target, not the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from ..errors import UserError
+from ..recipes import DataSource
+
+
+@dataclass
+class Batch:
+    x0: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+
+
+class BatchSampler(Protocol):
+    def __call__(self, batch_size: int, generator: torch.Generator) -> Batch: ...
+
+
+def _sample_shape(unet) -> tuple[int, int, int]:
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return unet.config.in_channels, height, width
+
+
+def digits_sampler(bundle) -> BatchSampler:
+    from ..models import load_digits
+
+    if bundle.condition.num_classes is None:
+        raise UserError("train.data=digits needs the embedded default model (class prompts); "
+                        "use `data: gaussian` for other checkpoints")
+    images, labels = load_digits("train", image_size=_sample_shape(bundle.unet)[1])
+
+    def sample(batch_size: int, generator: torch.Generator) -> Batch:
+        index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
+        return Batch(images[index], bundle.condition.for_labels(labels[index].tolist()))
+
+    return sample
+
+
+def gaussian_sampler(bundle) -> BatchSampler:
+    shape = _sample_shape(bundle.unet)
+
+    def sample(batch_size: int, generator: torch.Generator) -> Batch:
+        x0 = torch.randn((batch_size, *shape), generator=generator)
+        conditions, _ = bundle.condition.sample(batch_size, generator)
+        return Batch(x0, conditions)
+
+    return sample
+
+
+DATA_SOURCES: dict[DataSource, Callable[[object], BatchSampler]] = {
+    DataSource.DIGITS: digits_sampler,
+    DataSource.GAUSSIAN: gaussian_sampler,
+}
+
+
+def make_sampler(source: DataSource, bundle) -> BatchSampler:
+    if source is DataSource.AUTO:
+        source = DataSource.DIGITS if bundle.condition.num_classes is not None else DataSource.GAUSSIAN
+    return DATA_SOURCES[source](bundle)

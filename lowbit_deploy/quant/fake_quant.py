@@ -1,0 +1,130 @@
+"""Fake-quantized Conv2d/Linear layers with learnable per-output-channel scales (LSQ, straight-through rounding).
+
+The forward pass computes exactly what the deployed artifact computes: the scale is rounded to float16 (the stored
+type) before use, codes are ``clamp(round(w / scale16), qmin, qmax)`` and the weight is ``float32(q) *
+float32(scale16)`` -- the formula of docs/ops/UnpackDequantize_v1.md. Gradients pass straight through the two
+roundings; the scale gradient is LSQ's, scaled by ``1 / sqrt(numel_per_channel * max_level)``.
+
+Quantizer state (the scale) is a registered parameter created at construction and filled by an explicit
+initialisation step (:mod:`lowbit_deploy.quant.scale_init`), never lazily inside ``forward``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .grids import GridKind, IntegerGrid
+
+# Smallest scale kept during training: a scale of 0 would divide by zero and a denormal fp16 loses precision.
+MIN_SCALE = 2.0**-14
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest (ties to even, like the export) with an identity gradient."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Identity in the forward pass; multiplies the gradient by ``factor`` (LSQ's step-size gradient scale)."""
+    scaled = x * factor
+    return (x - scaled).detach() + scaled
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel quantizer of a weight of shape ``[C_out, ...]`` onto an :class:`IntegerGrid`."""
+
+    def __init__(self, weight_shape: torch.Size | tuple[int, ...], grid: IntegerGrid) -> None:
+        super().__init__()
+        self.grid = grid
+        self.weight_shape = tuple(weight_shape)
+        self.scale = nn.Parameter(torch.ones(self.weight_shape[0]))
+        numel_per_channel = math.prod(self.weight_shape[1:])
+        self._grad_factor = 1.0 / math.sqrt(numel_per_channel * grid.max_abs_level)
+
+    def extra_repr(self) -> str:
+        return self.grid.describe()
+
+    def _broadcast(self, per_channel: torch.Tensor) -> torch.Tensor:
+        return per_channel.view(-1, *([1] * (len(self.weight_shape) - 1)))
+
+    def deployed_scale(self) -> torch.Tensor:
+        """The scale exactly as stored in the artifact (float16), widened to float32."""
+        return self.scale.detach().clamp_min(MIN_SCALE).to(torch.float16).to(torch.float32)
+
+    def integer_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Integer grid values ``q`` (int64, same shape as the weight) that the artifact stores."""
+        scale = self._broadcast(self.deployed_scale())
+        q = torch.round(weight.detach().float() / scale)
+        return q.clamp(self.grid.qmin, self.grid.qmax).to(torch.int64)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        scale = grad_scale(self.scale.clamp_min(MIN_SCALE), self._grad_factor)
+        scale16 = scale + (scale.to(torch.float16).to(scale.dtype) - scale).detach()
+        scale16 = self._broadcast(scale16)
+        q = torch.clamp(round_ste(weight / scale16), self.grid.qmin, self.grid.qmax)
+        return q * scale16
+
+    @torch.no_grad()
+    def dequantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The deployed float32 weight: ``float32(q) * float32(scale16)``, bit-identical to every exported form."""
+        return self.integer_weight(weight).to(torch.float32) * self._broadcast(self.deployed_scale())
+
+
+class QuantizedLayer(nn.Module):
+    """Mixin behaviour shared by the quantized Conv2d and Linear: owns ``weight_quantizer``."""
+
+    weight: nn.Parameter
+    weight_quantizer: WeightQuantizer
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+
+class QuantConv2d(nn.Conv2d, QuantizedLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantLinear(nn.Linear, QuantizedLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+def _from_float(quant_cls: type[nn.Module], layer: nn.Module, grid: IntegerGrid) -> QuantizedLayer:
+    """Re-class a float layer in place-free fashion: same parameters (shared), plus a quantizer."""
+    quantized = quant_cls.__new__(quant_cls)
+    quantized.__dict__.update(layer.__dict__)
+    quantized._parameters = dict(layer._parameters)
+    quantized._buffers = dict(layer._buffers)
+    quantized._modules = dict(layer._modules)
+    quantized.weight_quantizer = WeightQuantizer(layer.weight.shape, grid).to(layer.weight.device)
+    return quantized
+
+
+# Registry: float layer type -> constructor of its quantized replacement. Add a layer type here (and an export
+# handler in lowbit_deploy/export) to make it quantizable; nothing else branches on layer types.
+QUANTIZABLE_LAYERS: dict[type[nn.Module], Callable[[nn.Module, IntegerGrid], QuantizedLayer]] = {
+    nn.Conv2d: lambda layer, grid: _from_float(QuantConv2d, layer, grid),
+    nn.Linear: lambda layer, grid: _from_float(QuantLinear, layer, grid),
+}
+
+
+def quantizable_type(module: nn.Module) -> bool:
+    return type(module) in QUANTIZABLE_LAYERS
+
+
+__all__ = [
+    "GridKind",
+    "IntegerGrid",
+    "QUANTIZABLE_LAYERS",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantizedLayer",
+    "WeightQuantizer",
+    "quantizable_type",
+]

@@ -1,0 +1,82 @@
+"""Human-readable reports: report.md from report.json, and the FP | quantized sample grid PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_path, write_text_atomic
+
+_UPSCALE = 4
+_LABEL_HEIGHT = 14
+_GAP = 6
+
+
+def _panel(images: torch.Tensor, columns: int):
+    from PIL import Image
+
+    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    count, channels, height, width = images.shape
+    rows = -(-count // columns)
+    canvas = Image.new("L" if channels == 1 else "RGB", (columns * width, rows * height))
+    for index in range(count):
+        array = images[index].permute(1, 2, 0).squeeze(-1).numpy()
+        tile = Image.fromarray(array)
+        canvas.paste(tile, ((index % columns) * width, (index // columns) * height))
+    return canvas.resize((canvas.width * _UPSCALE, canvas.height * _UPSCALE), Image.NEAREST)
+
+
+def write_sample_grid(path: Path, panels: list[tuple[str, torch.Tensor]], columns: int = 5) -> None:
+    """Panels side by side (e.g. FP | quantized torch | quantized ORT), each a grid with its title above."""
+    from PIL import Image, ImageDraw
+
+    rendered = [(title, _panel(images, min(columns, images.shape[0])).convert("RGB")) for title, images in panels]
+    width = sum(image.width for _, image in rendered) + _GAP * (len(rendered) - 1)
+    height = max(image.height for _, image in rendered) + _LABEL_HEIGHT
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    x = 0
+    for title, image in rendered:
+        draw.text((x + 2, 1), title, fill="black")
+        sheet.paste(image, (x, _LABEL_HEIGHT))
+        x += image.width + _GAP
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def render_markdown(report: dict) -> str:
+    lines = ["# lowbit-deploy run report", ""]
+    for stage in ("train", "export", "build", "validate"):
+        entry = report.get(stage)
+        if entry is None:
+            continue
+        lines += [f"## {stage}", ""]
+        if stage == "validate":
+            lines += [f"**{'PASSED' if entry['passed'] else 'FAILED'}**", "",
+                      "| artifact | status | max abs | max rel | cosine | SQNR dB |", "| --- | --- | --- | --- | --- | --- |"]
+            for item in entry["parity"]:
+                stats = item["stats"] or {}
+                lines.append(f"| {item['artifact']} | {item['status']} | " + " | ".join(
+                    _fmt(stats.get(key, "-")) for key in ("max_abs", "max_rel", "cosine", "sqnr_db")) + " |")
+                lines += [f"  - {failure}" for failure in item["failures"]]
+            lines += ["", "Sampling:", ""]
+            lines += [f"- {key}: {_fmt(value)}" for key, value in entry["sampling"].items()]
+            if "grid_png" in entry["sampling"]:
+                lines += ["", f"![samples]({Path(entry['sampling']['grid_png']).name})"]
+        else:
+            lines += [f"- {key}: {_fmt(value) if not isinstance(value, dict) else json.dumps(value)}"
+                      for key, value in entry.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, report: dict) -> None:
+    write_text_atomic(path, render_markdown(report))
