@@ -117,7 +117,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.5f}")
         done = step + 1
         if done % config.checkpoint_every == 0 and done < total_steps:

@@ -1,0 +1,85 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lowbit_deploy.errors import UserError
+from lowbit_deploy.qat.checkpoint import CHECKPOINT_DIRNAME, WEIGHTS_FILE, load_checkpoint
+from lowbit_deploy.qat.trainer import sample_timesteps, train
+from lowbit_deploy.quant.apply import quantized_layers
+from lowbit_deploy.recipes import parse_recipe
+
+
+def _train(recipe_dict, model_dir, run_dir, **kwargs):
+    return train(parse_recipe(recipe_dict), run_dir, model_path=str(model_dir), progress=False, **kwargs)
+
+
+def test_training_writes_a_loadable_checkpoint(tmp_path, tiny_model_dir, tiny_recipe_dict):
+    result = _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "run")
+    assert result.steps == 2 and result.first_loss is not None
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert checkpoint.step == 2 and checkpoint.model_source == str(tiny_model_dir)
+    assert quantized_layers(checkpoint.unet)
+    assert sorted(p.name for p in (tmp_path / "run" / CHECKPOINT_DIRNAME).iterdir()) == [
+        "quantized_unet.safetensors", "train_state.safetensors"]
+
+
+def test_resume_continues_bit_identically(tmp_path, tiny_model_dir, tiny_recipe_dict):
+    tiny_recipe_dict["train"]["steps"] = 4
+    _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "straight")
+    _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "resumed", steps=2)
+    _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "resumed", resume=True)
+    straight = load_checkpoint(tmp_path / "straight").unet.state_dict()
+    resumed = load_checkpoint(tmp_path / "resumed")
+    assert resumed.step == 4
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed.unet.state_dict()[name]), name
+
+
+def test_existing_checkpoint_needs_resume(tmp_path, tiny_model_dir, tiny_recipe_dict):
+    _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "run")
+    with pytest.raises(UserError, match="--resume"):
+        _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "run")
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir, tiny_recipe_dict):
+    with pytest.raises(UserError, match="no quantized checkpoint"):
+        _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "run", resume=True)
+
+
+def test_bad_model_path_leaves_nothing_behind(tmp_path, tiny_recipe_dict):
+    with pytest.raises(UserError, match="does not exist"):
+        _train(tiny_recipe_dict, tmp_path / "missing-model", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_and_pickle_checkpoints_are_refused(tmp_path):
+    run = tmp_path / "run" / CHECKPOINT_DIRNAME
+    run.mkdir(parents=True)
+    (run / WEIGHTS_FILE).write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(UserError, match="corrupt"):
+        load_checkpoint(tmp_path / "run")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "model.pt").write_bytes(b"\x80\x04.")
+    with pytest.raises(UserError, match="safetensors only"):
+        load_checkpoint(pickled)
+    with pytest.raises(UserError, match="safetensors only"):
+        load_checkpoint(pickled / "model.pt")
+
+
+def test_foreign_safetensors_file_is_not_taken_for_a_checkpoint(tmp_path):
+    save_file({"x": torch.zeros(1)}, str(tmp_path / WEIGHTS_FILE))
+    with pytest.raises(UserError, match="not a lowbit-deploy quantized checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "beta"])
+def test_timestep_sampling_is_seeded_and_in_range(tiny_recipe_dict, sampling):
+    tiny_recipe_dict["train"]["timestep_sampling"] = sampling
+    config = parse_recipe(tiny_recipe_dict).train
+    draws = [sample_timesteps(config, 4096, 1000, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    assert draws[0].min() >= 0 and draws[0].max() <= 999
+    mean = draws[0].float().mean().item()
+    # Beta(3, 1) has mean 3/4: it favours the noisy end, where quantization error grows.
+    assert mean == pytest.approx(750 if sampling == "beta" else 500, abs=25)
