@@ -23,6 +23,18 @@ def parse_compute_capability(text: str) -> tuple[int, int]:
     return major, minor
 
 
+def input_shape_ranges(unet, seq_len: int, batches: tuple[int, int, int]) -> dict[str, tuple]:
+    """(min, opt, max) shapes of the exported UNet's inputs: batch varies, everything else is the model's."""
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    per_batch = {
+        "sample": lambda b: (b, unet.config.in_channels, height, width),
+        "timestep": lambda b: (b,),
+        "encoder_hidden_states": lambda b: (b, seq_len, unet.config.cross_attention_dim),
+    }
+    return {name: tuple(shape(b) for b in batches) for name, shape in per_batch.items()}
+
+
 @dataclass
 class BuildOutcome:
     status: str  # "built" | "not run: <reason>"
@@ -39,15 +51,17 @@ def build_run(run_dir: str | Path, compute_capabilities: list[str] | None = None
     onnx_path = run_dir / "model.onnx"
     if not onnx_path.is_file():
         raise UserError(f"no ONNX model at {onnx_path}; run `lowbit-deploy export {run_dir}` first")
-    config = load_checkpoint(run_dir).recipe.build
+    checkpoint = load_checkpoint(run_dir)
+    config = checkpoint.recipe.build
     capabilities = [parse_compute_capability(cc) for cc in (compute_capabilities or config.compute_capabilities)]
-    batches = (config.min_batch, config.opt_batch, config.max_batch)
+    shapes = input_shape_ranges(checkpoint.unet, checkpoint.condition_seq_len,
+                                (config.min_batch, config.opt_batch, config.max_batch))
     report = build_engine(onnx_path, run_dir / "model.engine", compute_capabilities=capabilities,
-                          batch_range=batches).to_dict()
+                          input_shapes=shapes).to_dict()
     fp16_path = run_dir / "model_fp16.onnx"
     if fp16_reference and fp16_path.is_file():
         fp16 = build_engine(fp16_path, run_dir / "model_fp16.engine", compute_capabilities=capabilities,
-                            batch_range=batches).to_dict()
+                            input_shapes=shapes).to_dict()
         report["fp16_engine_bytes"] = fp16["engine_bytes"]
         report["size_ratio_vs_fp16_engine"] = fp16["engine_bytes"] / report["engine_bytes"]
     update_report(run_dir, "build", report)

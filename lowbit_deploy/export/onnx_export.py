@@ -102,7 +102,7 @@ def deployed_float_unet(unet: nn.Module) -> nn.Module:
     return deployed.eval()
 
 
-def trace_to_onnx(unet: nn.Module, path: Path, opset: int, dtype=torch.float32) -> onnx.ModelProto:
+def trace_to_onnx(unet: nn.Module, path: Path, opset: int, dtype=torch.float32, seq_len: int = 8) -> onnx.ModelProto:
     model = UNetForExport(unet.to(dtype)).eval()
     batch_axes = {name: {0: "batch"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
     batch_axes["encoder_hidden_states"][1] = "tokens"
@@ -110,7 +110,7 @@ def trace_to_onnx(unet: nn.Module, path: Path, opset: int, dtype=torch.float32) 
         warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape checks are expected and harmless
         # The TorchScript exporter keeps parameter names as initializer names, which the packing pass relies on;
         # constant folding is off so no weight is transposed into an anonymous initializer.
-        torch.onnx.export(model, example_inputs(unet, dtype=dtype), str(path), dynamo=False,
+        torch.onnx.export(model, example_inputs(unet, seq_len=seq_len, dtype=dtype), str(path), dynamo=False,
                           input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], opset_version=opset,
                           dynamic_axes=batch_axes, do_constant_folding=False)
     return onnx.load(str(path))
@@ -140,7 +140,7 @@ def _save(model: onnx.ModelProto, target: Path) -> int:
 
 
 def export_onnx(unet: nn.Module, out_path: str | Path, *, opset: int = 17, packing: str = "auto",
-                fp16_reference_path: str | Path | None = None) -> ExportReport:
+                fp16_reference_path: str | Path | None = None, seq_len: int = 8) -> ExportReport:
     """Write the packed ONNX (and optionally a plain fp16 ONNX of the same deployed UNet for size comparison)."""
     out_path = Path(out_path)
     weights = packed_weights(unet, packing)
@@ -148,7 +148,7 @@ def export_onnx(unet: nn.Module, out_path: str | Path, *, opset: int = 17, packi
         raise UserError("the model has no quantized layer to export; train it with a recipe that quantizes layers")
     deployed = deployed_float_unet(unet)
     with tempfile.TemporaryDirectory(prefix="lowbit-export-") as scratch:
-        model = trace_to_onnx(deployed, Path(scratch) / "trace.onnx", opset)
+        model = trace_to_onnx(deployed, Path(scratch) / "trace.onnx", opset, seq_len=seq_len)
     replace_with_packed(model, weights, opset)
     onnx.checker.check_model(model)
     report = ExportReport(str(out_path), _save(model, out_path), len(weights),
@@ -156,7 +156,7 @@ def export_onnx(unet: nn.Module, out_path: str | Path, *, opset: int = 17, packi
     if fp16_reference_path is not None:
         fp16_path = Path(fp16_reference_path)
         with atomic_path(fp16_path) as tmp:
-            fp16_model = trace_to_onnx(copy.deepcopy(deployed), tmp, opset, dtype=torch.float16)
+            fp16_model = trace_to_onnx(copy.deepcopy(deployed), tmp, opset, dtype=torch.float16, seq_len=seq_len)
             fp16_model.ir_version = IR_VERSION
             onnx.save(fp16_model, str(tmp))
         report.fp16_onnx_path, report.fp16_onnx_bytes = str(fp16_path), fp16_path.stat().st_size
@@ -171,6 +171,7 @@ def export_run(run_dir: str | Path) -> ExportReport:
     checkpoint = load_checkpoint(run_dir)
     config = checkpoint.recipe.export
     report = export_onnx(checkpoint.unet, run_dir / "model.onnx", opset=config.opset, packing=config.packing,
-                         fp16_reference_path=run_dir / "model_fp16.onnx" if config.export_fp16_reference else None)
+                         fp16_reference_path=run_dir / "model_fp16.onnx" if config.export_fp16_reference else None,
+                         seq_len=checkpoint.condition_seq_len)
     update_report(run_dir, "export", report.to_dict())
     return report

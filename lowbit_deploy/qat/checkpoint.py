@@ -35,6 +35,7 @@ class QuantizedCheckpoint:
     model_source: str | None
     step: int
     path: Path
+    condition_seq_len: int
 
 
 def checkpoint_file(location: str | Path) -> Path:
@@ -71,7 +72,7 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def save_checkpoint(run_dir: Path, unet: torch.nn.Module, recipe: Recipe, model_source: str | None, step: int,
-                    plan: QuantizationPlan) -> Path:
+                    plan: QuantizationPlan, condition_seq_len: int) -> Path:
     target = Path(run_dir) / CHECKPOINT_DIRNAME / WEIGHTS_FILE
     metadata = {
         "format": CHECKPOINT_FORMAT,
@@ -79,6 +80,7 @@ def save_checkpoint(run_dir: Path, unet: torch.nn.Module, recipe: Recipe, model_
         "unet_config": json.dumps(dict(unet.config)),
         "model_source": model_source or "",
         "step": str(step),
+        "condition_seq_len": str(condition_seq_len),
         "plan": json.dumps(plan.to_dict()),
     }
     state = {name: tensor.detach().contiguous() for name, tensor in unet.state_dict().items()}
@@ -105,7 +107,8 @@ def load_checkpoint(location: str | Path) -> QuantizedCheckpoint:
         raise UserError(f"{path} does not match the model its metadata describes ({str(error)[:300]}). "
                         f"The file was edited or written by another tool; re-run training.") from None
     unet.eval()
-    return QuantizedCheckpoint(unet, recipe, metadata["model_source"] or None, int(metadata["step"]), path)
+    return QuantizedCheckpoint(unet, recipe, metadata["model_source"] or None, int(metadata["step"]), path,
+                               int(metadata["condition_seq_len"]))
 
 
 def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, step: int,

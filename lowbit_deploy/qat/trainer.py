@@ -92,6 +92,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
     bundle, teacher, student, plan = _prepare(recipe, model_path, run_dir, resume)
     start_step = 0
     sampler = make_sampler(config.data, bundle)
+    seq_len = bundle.condition.seq_len
     noise_scheduler = DDPMScheduler.from_config(bundle.scheduler_config)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -121,10 +122,11 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
         bar.set_postfix(loss=f"{losses[-1]:.5f}")
         done = step + 1
         if done % config.checkpoint_every == 0 and done < total_steps:
-            save_checkpoint(run_dir, student, recipe, model_path, done, plan)
+            save_checkpoint(run_dir, student, recipe, model_path, done, plan, seq_len)
             save_train_state(run_dir, optimizer, done, generator)
     student.eval()
-    checkpoint = save_checkpoint(run_dir, student, recipe, model_path, max(total_steps, start_step), plan)
+    checkpoint = save_checkpoint(run_dir, student, recipe, model_path, max(total_steps, start_step), plan,
+                                 seq_len)
     save_train_state(run_dir, optimizer, max(total_steps, start_step), generator)
     result = TrainResult(str(checkpoint), total_steps, time.perf_counter() - started,
                          losses[0] if losses else None, losses[-1] if losses else None, plan.average_bits,

@@ -18,6 +18,7 @@ import torch
 
 from ..io import update_report
 from ..recipes import SamplingSection, Tolerances
+from .sampling import unet_denoiser
 from .stats import OutputStats, check, compare, merge
 
 Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,13 +72,6 @@ def output_parity(name: str, reference: Denoise, candidate: Denoise, inputs: lis
     return ArtifactParity(name, "failed" if failures else "passed", merged, failures)
 
 
-def torch_denoiser(unet) -> Denoise:
-    def denoise(sample, timestep, states):
-        return unet(sample, timestep, states).sample
-
-    return denoise
-
-
 def engine_runner(engine_path: Path) -> tuple[Denoise | None, str]:
     """A TensorRT runner for the engine, or None and the reason it cannot run here."""
     if not engine_path.is_file():
@@ -87,7 +81,14 @@ def engine_runner(engine_path: Path) -> tuple[Denoise | None, str]:
     reason = trt_runtime.unavailable_reason()
     if reason:
         return None, f"not run: {reason}"
-    return trt_runtime.TrtRunner(engine_path), ""
+    runner = trt_runtime.TrtRunner(engine_path)
+
+    def denoise(sample, timestep, states):
+        feeds = {"sample": sample, "timestep": timestep.float().reshape(-1).expand(sample.shape[0]),
+                 "encoder_hidden_states": states}
+        return runner.infer(feeds)["noise_pred"].float().cpu()
+
+    return denoise, ""
 
 
 def sampling_parity(bundle, quantized: Denoise, ort: Denoise, config: SamplingSection,
@@ -109,7 +110,7 @@ def sampling_parity(bundle, quantized: Denoise, ort: Denoise, config: SamplingSe
                   sample_shape=_sample_shape(bundle.unet))
     with torch.no_grad():
         images = {
-            "fp": sampling.sample(torch_denoiser(bundle.unet), cond, null, **common),
+            "fp": sampling.sample(unet_denoiser(bundle.unet), cond, null, **common),
             "quantized_torch": sampling.sample(quantized, cond, null, **common),
             "quantized_ort": sampling.sample(ort, cond, null, **common),
         }
@@ -156,7 +157,7 @@ def validate_run(run_dir: str | Path, *, tolerances: Tolerances | None = None,
     tolerances = tolerances or config.tolerances
     sampling = sampling or config.sampling
     bundle = load_model(checkpoint.model_source, checkpoint.recipe.model.subfolder)
-    quantized = torch_denoiser(checkpoint.unet)
+    quantized = unet_denoiser(checkpoint.unet)
     ort = OrtRunner(run_dir / "model.onnx")
     inputs = list(parity_batches(checkpoint.unet, bundle.condition, config.batches, config.batch_size, config.seed))
     parity = [output_parity("onnxruntime", quantized, ort, inputs, tolerances)]

@@ -1,0 +1,191 @@
+"""Build a TensorRT(-RTX) engine from an exported ONNX file whose low-bit layers become UnpackDequantize plugins.
+
+Uses Polygraphy's loaders (the library the rest of the toolchain compares against). With TensorRT for RTX the build
+runs ahead of time for the requested compute capabilities, also on machines without a GPU; full TensorRT builds for
+the GPU present. The engine is written atomically: a temporary file in the target directory, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..errors import UserError
+from .plugin import OP_NAME, PLUGIN_NAMESPACE, register_plugins
+from .tensorrt_import import TensorRTBackend, tensorrt_backend
+
+logger = logging.getLogger(__name__)
+
+ShapeRange = tuple[Sequence[int], Sequence[int], Sequence[int]]
+DEFAULT_COMPUTE_CAPABILITIES: tuple[tuple[int, int], ...] = ((8, 9),)
+
+
+@dataclass(frozen=True)
+class BuildReport:
+    """What one engine build produced (json-able through :meth:`to_dict` / :meth:`to_json`)."""
+
+    onnx_path: str
+    engine_path: str
+    backend: str  # "tensorrt" or "tensorrt_rtx"
+    backend_version: str
+    engine_bytes: int
+    plugin_layers: int  # layers that run lowbit::UnpackDequantize
+    total_layers: int
+    compute_capabilities: list[str]  # e.g. ["8.9"]; ["current"] for full TensorRT (builds for the GPU present)
+    fp16: bool
+    build_seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _polygraphy_for(backend: TensorRTBackend) -> Any:
+    # Polygraphy reads this switch when it is first imported and consults polygraphy.config at use time: set both so
+    # Polygraphy and we agree on the module even if something imported Polygraphy earlier.
+    os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1" if backend.is_rtx else "0"
+    from polygraphy import config as polygraphy_config
+
+    polygraphy_config.USE_TENSORRT_RTX = backend.is_rtx
+    return polygraphy_config
+
+
+def _is_lowbit_plugin_layer(trt: Any, layer: Any) -> bool:
+    if layer.type != trt.LayerType.PLUGIN_V3:
+        return False
+    layer.__class__ = trt.IPluginV3Layer  # get_layer() returns the ILayer base; the cast exposes .plugin
+    core = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+    return (getattr(core, "plugin_name", None) == OP_NAME
+            and getattr(core, "plugin_namespace", None) == PLUGIN_NAMESPACE)
+
+
+def count_plugin_layers(network: Any, trt: Any | None = None) -> int:
+    """Number of ``lowbit::UnpackDequantize`` plugin layers in a parsed ``INetworkDefinition``, or in an ONNX file
+    (given as a path, parsed with the plugin registered)."""
+    if isinstance(network, (str, os.PathLike)):
+        backend = tensorrt_backend()
+        _, parsed, _ = _parse_onnx(Path(network), backend)
+        return count_plugin_layers(parsed, backend.module)
+    trt = trt or tensorrt_backend().module
+    return sum(_is_lowbit_plugin_layer(trt, network.get_layer(i)) for i in range(network.num_layers))
+
+
+def _parse_onnx(onnx_path: Path, backend: TensorRTBackend) -> tuple[Any, Any, Any]:
+    if not onnx_path.is_file():
+        raise UserError(f"ONNX file {onnx_path} does not exist; run the export stage first")
+    register_plugins(backend.module)
+    _polygraphy_for(backend)
+    from polygraphy.backend.trt import NetworkFromOnnxPath
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        builder, network, parser = NetworkFromOnnxPath(str(onnx_path))()
+    except PolygraphyException as error:
+        raise UserError(f"TensorRT could not parse {onnx_path}: {error}") from None
+    if network.num_outputs == 0:
+        # The parser accepts some non-ONNX bytes silently and yields an empty network.
+        raise UserError(f"TensorRT could not parse {onnx_path}: the network has no outputs (is it an ONNX model?)")
+    return builder, network, parser
+
+
+def _capability_enum(trt: Any, major: int, minor: int) -> Any:
+    member = getattr(trt.ComputeCapability, f"SM{major}{minor}", None)
+    if member is None:
+        available = [name for name in trt.ComputeCapability.__members__ if name.startswith("SM")]
+        raise UserError(f"compute capability {major}.{minor} is not a TensorRT-RTX target; choose from {available}")
+    return member
+
+
+def _profiles(input_shapes: Mapping[str, ShapeRange] | None) -> list[Any] | None:
+    """One optimization profile covering ``name -> (min, opt, max)`` shapes (needed for dynamic dimensions)."""
+    if not input_shapes:
+        return None
+    from polygraphy.backend.trt import Profile
+
+    profile = Profile()
+    for name, (minimum, optimum, maximum) in input_shapes.items():
+        profile.add(name, min=tuple(minimum), opt=tuple(optimum), max=tuple(maximum))
+    return [profile]
+
+
+def _create_config(backend: TensorRTBackend, compute_capabilities: Sequence[tuple[int, int]], fp16: bool,
+                   workspace_bytes: int | None, input_shapes: Mapping[str, ShapeRange] | None = None) -> Any:
+    if backend.is_rtx:
+        if fp16:
+            raise UserError("fp16=True is a builder flag of full TensorRT; TensorRT-RTX is strongly typed: export "
+                            "the ONNX model in float16 instead and build with fp16=False")
+        for major, minor in compute_capabilities:
+            _capability_enum(backend.module, major, minor)
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+
+        pool = {backend.module.MemoryPoolType.WORKSPACE: workspace_bytes} if workspace_bytes else None
+        return CreateConfigRTX(compute_capabilities=list(compute_capabilities), memory_pool_limits=pool,
+                               profiles=_profiles(input_shapes))
+    from polygraphy.backend.trt import CreateConfig
+
+    pool = {backend.module.MemoryPoolType.WORKSPACE: workspace_bytes} if workspace_bytes else None
+    return CreateConfig(fp16=fp16, memory_pool_limits=pool, profiles=_profiles(input_shapes))
+
+
+def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLike[str], *,
+                 compute_capabilities: Sequence[tuple[int, int]] = DEFAULT_COMPUTE_CAPABILITIES, fp16: bool = False,
+                 workspace_bytes: int | None = None, backend: str | None = None,
+                 input_shapes: Mapping[str, ShapeRange] | None = None) -> BuildReport:
+    """Parse ``onnx_path`` with the lowbit plugins registered, build and write the serialized engine.
+
+    ``compute_capabilities`` are the ahead-of-time targets of TensorRT-RTX (ignored by full TensorRT, which builds
+    for the GPU present). ``backend`` forces "tensorrt" or "tensorrt_rtx" (default: full TensorRT when installed).
+    ``input_shapes`` maps each input with dynamic dimensions to its (min, opt, max) shapes (one profile).
+    Raises :class:`UserError` for a missing or unparsable ONNX file and for unsupported options.
+    """
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    chosen = tensorrt_backend(backend)
+    if chosen.is_rtx and not compute_capabilities:
+        raise UserError("TensorRT-RTX needs at least one compute capability to build for, e.g. ((8, 9),)")
+    start = time.perf_counter()
+    builder, network, parser = _parse_onnx(onnx_path, chosen)
+    plugin_layers = count_plugin_layers(network, chosen.module)
+    config = _create_config(chosen, compute_capabilities, fp16, workspace_bytes, input_shapes)
+    from polygraphy.backend.trt import EngineBytesFromNetwork
+    from polygraphy.exception import PolygraphyException
+
+    try:
+        serialized = EngineBytesFromNetwork((builder, network, parser), config=config)()
+    except PolygraphyException as error:
+        raise UserError(f"building an engine from {onnx_path} failed: {error}") from None
+    payload = bytes(memoryview(serialized)) if serialized is not None else b""
+    if not payload:
+        raise UserError(f"TensorRT produced no engine for {onnx_path}; see the TensorRT log above")
+    seconds = time.perf_counter() - start
+    _write_atomically(engine_path, payload)
+    warnings = [] if plugin_layers else [f"no {PLUGIN_NAMESPACE}::{OP_NAME} layers: weights are not kept packed"]
+    report = BuildReport(
+        onnx_path=str(onnx_path), engine_path=str(engine_path), backend=chosen.name, backend_version=chosen.version,
+        engine_bytes=len(payload), plugin_layers=plugin_layers, total_layers=network.num_layers,
+        compute_capabilities=[f"{major}.{minor}" for major, minor in compute_capabilities] if chosen.is_rtx
+        else ["current"], fp16=fp16, build_seconds=round(seconds, 3), warnings=warnings)
+    logger.info("built %s: %d bytes, %d plugin layers in %.2fs", engine_path, report.engine_bytes, plugin_layers,
+                seconds)
+    return report
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

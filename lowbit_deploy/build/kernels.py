@@ -1,0 +1,192 @@
+"""ctypes binding of ``plugins/build/liblowbit_kernels.so`` (built from plugins/ with nvcc).
+
+The library carries the CUDA kernels and their host reference behind a C ABI, with cudart linked statically, so it
+loads on machines without a GPU (the host path then runs; the device launcher reports a CUDA error).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import shutil
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from ..quant import packing
+
+PLUGINS_DIR = Path(__file__).resolve().parents[2] / "plugins"
+LIBRARY_NAME = "liblowbit_kernels.so"
+_SOURCE_SUFFIXES = (".cu", ".h", ".cuh", ".cpp")
+_WORD_DTYPES = {8: np.int8, 32: np.int32}
+
+
+class KernelError(RuntimeError):
+    """A kernel call returned an error code (argument error or CUDA error)."""
+
+
+class LowbitFormatConstants(ctypes.Structure):
+    """Mirror of ``LowbitFormatConstants`` in plugins/unpack_dequantize/unpackDequantizeKernel.h."""
+
+    _fields_ = [
+        ("int8_words_format_id", ctypes.c_int32),
+        ("int8_words_word_bits", ctypes.c_int32),
+        ("int32_words_format_id", ctypes.c_int32),
+        ("int32_words_word_bits", ctypes.c_int32),
+        ("min_levels", ctypes.c_int32),
+        ("max_levels", ctypes.c_int32),
+        ("op_name", ctypes.c_char_p),
+        ("plugin_namespace", ctypes.c_char_p),
+        ("op_version", ctypes.c_char_p),
+    ]
+
+
+def find_nvcc() -> str | None:
+    """nvcc from $NVCC, PATH, $CUDA_HOME/bin or /usr/local/cuda/bin."""
+    candidates = [os.environ.get("NVCC"), shutil.which("nvcc")]
+    candidates += [str(Path(root) / "bin" / "nvcc") for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if root]
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def _newest_source_mtime(plugins_dir: Path) -> float:
+    sources = [p for p in plugins_dir.rglob("*")
+               if p.suffix in _SOURCE_SUFFIXES and p.relative_to(plugins_dir).parts[0] != "build"]
+    return max([p.stat().st_mtime for p in sources] + [(plugins_dir / "Makefile").stat().st_mtime])
+
+
+def ensure_kernel_library(plugins_dir: Path = PLUGINS_DIR) -> Path:
+    """Path of an up-to-date ``liblowbit_kernels.so``: runs ``make -C plugins`` when it is missing or older than a
+    source and nvcc exists. A stale library is kept (with no nvcc to rebuild it); a missing one is a UserError."""
+    library = plugins_dir / "build" / LIBRARY_NAME
+    if not (plugins_dir / "Makefile").exists():
+        if library.exists():
+            return library
+        raise UserError(f"{library} not found and no {plugins_dir / 'Makefile'} to build it; reinstall from a source "
+                        "checkout that contains plugins/")
+    if library.exists() and library.stat().st_mtime >= _newest_source_mtime(plugins_dir):
+        return library
+    nvcc = find_nvcc()
+    if nvcc is None:
+        if library.exists():
+            return library
+        raise UserError(f"{library} is missing and nvcc was not found; install the CUDA toolkit (nvcc >= 12) and run "
+                        f"`make -C {plugins_dir}` (or set NVCC=/path/to/nvcc)")
+    (plugins_dir / "build").mkdir(exist_ok=True)
+    # Serialise concurrent builds (pytest-xdist, parallel CLI runs) on one lock file.
+    with open(plugins_dir / "build" / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = subprocess.run(["make", "-C", str(plugins_dir), f"NVCC={nvcc}"], capture_output=True, text=True)
+    if result.returncode != 0 or not library.exists():
+        raise UserError(f"building {library} failed (make -C {plugins_dir}):\n{result.stdout[-3000:]}"
+                        f"{result.stderr[-3000:]}")
+    return library
+
+
+class KernelLibrary:
+    """Typed wrapper around the C ABI."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lib = ctypes.CDLL(str(path))
+        args = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self._lib.lowbit_unpack_dequantize_launch.argtypes = args + [ctypes.c_void_p]
+        self._lib.lowbit_unpack_dequantize_launch.restype = ctypes.c_int
+        self._lib.lowbit_unpack_dequantize_host.argtypes = args
+        self._lib.lowbit_unpack_dequantize_host.restype = ctypes.c_int
+        self._lib.lowbit_format_constants.argtypes = [ctypes.POINTER(LowbitFormatConstants)]
+        self._lib.lowbit_format_constants.restype = ctypes.c_int
+        self._lib.lowbit_error_string.argtypes = [ctypes.c_int]
+        self._lib.lowbit_error_string.restype = ctypes.c_char_p
+
+    def error_string(self, code: int) -> str:
+        return self._lib.lowbit_error_string(code).decode()
+
+    def _check(self, code: int, what: str) -> None:
+        if code != 0:
+            raise KernelError(f"{what} failed with code {code}: {self.error_string(code)}")
+
+    def format_constants(self) -> dict[str, Any]:
+        constants = LowbitFormatConstants()
+        self._check(self._lib.lowbit_format_constants(ctypes.byref(constants)), "lowbit_format_constants")
+        return {name: (value.decode() if isinstance(value, bytes) else value)
+                for name, value in ((f, getattr(constants, f)) for f, _ in LowbitFormatConstants._fields_)}
+
+    def unpack_dequantize_host(self, packed_ptr: int, word_bits: int, scale_ptr: int, out_ptr: int, numel: int,
+                               channels: int, levels: int, qmin: int, codes_per_word: int) -> None:
+        code = self._lib.lowbit_unpack_dequantize_host(packed_ptr, word_bits, scale_ptr, out_ptr, numel, channels,
+                                                       levels, qmin, codes_per_word)
+        self._check(code, "lowbit_unpack_dequantize_host")
+
+    def unpack_dequantize_launch(self, packed_ptr: int, word_bits: int, scale_ptr: int, out_ptr: int, numel: int,
+                                 channels: int, levels: int, qmin: int, codes_per_word: int, stream: int) -> None:
+        """Device pointers and a cudaStream_t handle (ints); asynchronous on ``stream``."""
+        code = self._lib.lowbit_unpack_dequantize_launch(packed_ptr, word_bits, scale_ptr, out_ptr, numel, channels,
+                                                         levels, qmin, codes_per_word, stream)
+        self._check(code, "lowbit_unpack_dequantize_launch")
+
+
+@lru_cache(maxsize=None)
+def load_kernel_library(path: Path | None = None) -> KernelLibrary:
+    """The loaded library (built first if needed); cached per process."""
+    return KernelLibrary(path or ensure_kernel_library())
+
+
+def _check_arguments(packed_dtype: np.dtype, scale_dtype: np.dtype, levels: int, word_bits: int,
+                     codes_per_word: int, shape: Sequence[int], num_words: int, num_scales: int) -> int:
+    if word_bits not in _WORD_DTYPES:
+        raise ValueError(f"word_bits must be 8 or 32, got {word_bits}")
+    if packed_dtype != np.dtype(_WORD_DTYPES[word_bits]):
+        raise ValueError(f"packed words must be {np.dtype(_WORD_DTYPES[word_bits]).name} for word_bits={word_bits}, "
+                         f"got {packed_dtype}")
+    if scale_dtype != np.float16:
+        raise ValueError(f"scales must be float16, got {scale_dtype}")
+    expected = packing.codes_per_word(levels, word_bits)
+    if codes_per_word != expected:
+        raise ValueError(f"codes_per_word={codes_per_word} but {levels} levels in {word_bits}-bit words give {expected}")
+    if not shape or any(int(d) < 1 for d in shape):
+        raise ValueError(f"shape must be non-empty with positive dimensions, got {tuple(shape)}")
+    numel = int(np.prod(shape, dtype=np.int64))
+    if num_words != -(-numel // codes_per_word):
+        raise ValueError(f"{num_words} words cannot hold {numel} codes at {codes_per_word} per word")
+    if num_scales != int(shape[0]):
+        raise ValueError(f"expected {shape[0]} scales (one per output channel), got {num_scales}")
+    return numel
+
+
+def unpack_dequantize_host(packed: np.ndarray, scale_fp16: np.ndarray, levels: int, qmin: int, word_bits: int,
+                           codes_per_word: int, shape: Sequence[int]) -> np.ndarray:
+    """Dense float32 weight of ``shape`` decoded by the C++ host path (same decode function as the CUDA kernel)."""
+    packed = np.ascontiguousarray(packed).reshape(-1)
+    scale_fp16 = np.ascontiguousarray(scale_fp16).reshape(-1)
+    numel = _check_arguments(packed.dtype, scale_fp16.dtype, levels, word_bits, codes_per_word, shape, packed.size,
+                             scale_fp16.size)
+    out = np.empty(tuple(int(d) for d in shape), dtype=np.float32)
+    load_kernel_library().unpack_dequantize_host(packed.ctypes.data, word_bits, scale_fp16.ctypes.data,
+                                                 out.ctypes.data, numel, int(shape[0]), levels, qmin, codes_per_word)
+    return out
+
+
+def unpack_dequantize_cuda(packed: Any, scale_fp16: Any, levels: int, qmin: int, word_bits: int,
+                           codes_per_word: int, shape: Sequence[int]) -> Any:
+    """Same on torch CUDA tensors, launched on torch's current stream; returns a float32 CUDA tensor."""
+    import torch  # lazy: torch is only needed for this convenience wrapper
+
+    packed = packed.contiguous().reshape(-1)
+    scale_fp16 = scale_fp16.contiguous().reshape(-1)
+    numel = _check_arguments(np.dtype(str(packed.dtype).removeprefix("torch.")),
+                             np.dtype(str(scale_fp16.dtype).removeprefix("torch.")), levels, word_bits,
+                             codes_per_word, shape, packed.numel(), scale_fp16.numel())
+    if not (packed.is_cuda and scale_fp16.is_cuda):
+        raise ValueError("packed and scale_fp16 must be CUDA tensors")
+    out = torch.empty(tuple(int(d) for d in shape), dtype=torch.float32, device=packed.device)
+    stream = torch.cuda.current_stream(packed.device).cuda_stream
+    load_kernel_library().unpack_dequantize_launch(packed.data_ptr(), word_bits, scale_fp16.data_ptr(),
+                                                   out.data_ptr(), numel, int(shape[0]), levels, qmin,
+                                                   codes_per_word, stream)
+    return out

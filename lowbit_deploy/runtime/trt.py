@@ -1,0 +1,104 @@
+"""Run a serialized TensorRT(-RTX) engine on a CUDA GPU with torch tensors.
+
+The engine stores only the plugin's name, namespace, version and fields, so the lowbit creators are registered before
+deserializing. Nothing here pretends on a machine without a GPU: :func:`gpu_available` says so, and constructing a
+:class:`TrtRunner` there raises :class:`GpuUnavailableError` whose message callers report ("not run: no GPU").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import UserError
+
+NO_GPU_REASON = "not run: no GPU"
+
+
+class GpuUnavailableError(RuntimeError):
+    """Raised instead of running an engine where there is no CUDA GPU."""
+
+
+def gpu_available() -> bool:
+    """True when torch sees a CUDA device (torch is imported lazily; a CPU-only torch answers False)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available() and torch.cuda.device_count() > 0)
+
+
+def unavailable_reason() -> str | None:
+    """Why an engine cannot run here ("no GPU", "TensorRT is not installed"), or None when it can."""
+    if not gpu_available():
+        return "no GPU"
+    from ..build import backend_unavailable_reason
+
+    return backend_unavailable_reason()
+
+
+def _torch_dtype(trt: Any, data_type: Any) -> Any:
+    import torch
+
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+             trt.DataType.INT8: torch.int8, trt.DataType.BOOL: torch.bool, trt.DataType.INT64: torch.int64,
+             trt.DataType.BF16: torch.bfloat16, trt.DataType.UINT8: torch.uint8}
+    if data_type not in table:
+        raise UserError(f"engine I/O type {data_type} has no torch equivalent")
+    return table[data_type]
+
+
+class TrtRunner:
+    """Deserialize ``engine_path`` (with the lowbit plugins registered) and run it on the current CUDA device."""
+
+    def __init__(self, engine_path: str | os.PathLike[str], backend: str | None = None) -> None:
+        if not gpu_available():
+            raise GpuUnavailableError(NO_GPU_REASON)
+        from ..build.plugin import register_plugins
+        from ..build.tensorrt_import import tensorrt_backend
+
+        path = Path(engine_path)
+        if not path.is_file():
+            raise UserError(f"engine {path} does not exist; run the build stage first")
+        self.backend = tensorrt_backend(backend)
+        trt = self.backend.module
+        register_plugins(trt)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise UserError(f"{self.backend.name} could not deserialize {path}: built by another TensorRT version or "
+                            "for another GPU architecture? Rebuild it here")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
+        self.input_names = [n for n in names if is_input[n]]
+        self.output_names = [n for n in names if not is_input[n]]
+
+    def infer(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """Run once: ``feeds`` maps every input name to a CUDA tensor; returns fresh CUDA tensors per output."""
+        import torch
+
+        trt = self.backend.module
+        missing = sorted(set(self.input_names) - set(feeds))
+        if missing:
+            raise UserError(f"missing engine input(s) {missing}; the engine expects {self.input_names}")
+        keep_alive = []
+        for name in self.input_names:
+            expected = _torch_dtype(trt, self.engine.get_tensor_dtype(name))
+            tensor = torch.as_tensor(feeds[name], device="cuda").to(expected).contiguous()
+            keep_alive.append(tensor)
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name in self.output_names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            outputs[name] = torch.empty(shape, dtype=_torch_dtype(trt, self.engine.get_tensor_dtype(name)),
+                                        device="cuda")
+            self.context.set_tensor_address(name, outputs[name].data_ptr())
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed; see the TensorRT log")
+        stream.synchronize()
+        return outputs

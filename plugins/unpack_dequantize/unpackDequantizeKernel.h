@@ -1,0 +1,128 @@
+/*
+ * lowbit::UnpackDequantize v1 kernels (docs/ops/UnpackDequantize_v1.md): packed base-L codes + float16 per-channel
+ * scales -> dense float32 weight. No TensorRT types here, so the kernels are testable on their own (through the C ABI
+ * below with ctypes, also on machines without a GPU through the host path).
+ */
+#ifndef LOWBIT_UNPACK_DEQUANTIZE_KERNEL_H
+#define LOWBIT_UNPACK_DEQUANTIZE_KERNEL_H
+
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+#ifdef __CUDACC__
+#define LOWBIT_HOST_DEVICE __host__ __device__
+#else
+#define LOWBIT_HOST_DEVICE
+#endif
+
+namespace lowbit
+{
+
+//! Exact widening of IEEE binary16 bits to float32 (every half value is representable in float32). Done by hand
+//! rather than through cuda_fp16 so that host and device share one definition and the host build needs no CUDA math.
+LOWBIT_HOST_DEVICE inline float halfBitsToFloat(uint16_t bits)
+{
+    uint32_t const sign = static_cast<uint32_t>(bits & 0x8000u) << 16;
+    uint32_t exponent = (bits >> 10) & 0x1Fu;
+    uint32_t mantissa = bits & 0x3FFu;
+    uint32_t out;
+    if (exponent == 0x1Fu)
+    {
+        out = sign | 0x7F800000u | (mantissa << 13); // inf / nan, payload kept
+    }
+    else if (exponent != 0)
+    {
+        out = sign | ((exponent + 112u) << 23) | (mantissa << 13); // rebias 15 -> 127
+    }
+    else if (mantissa == 0)
+    {
+        out = sign; // signed zero
+    }
+    else
+    {
+        // Subnormal half: normalise; the value is a normal float32.
+        exponent = 113u;
+        while ((mantissa & 0x400u) == 0)
+        {
+            mantissa <<= 1;
+            --exponent;
+        }
+        out = sign | (exponent << 23) | ((mantissa & 0x3FFu) << 13);
+    }
+    union
+    {
+        uint32_t u;
+        float f;
+    } pun{out};
+    return pun.f;
+}
+
+//! Decodes the codes of one storage word (digits least significant first) into float32 weights.
+//! One thread (device) or one loop iteration (host) per word; both run this exact function, so they cannot drift.
+//! `firstIndex` is the flat weight index of digit 0; digits at indices >= numel are padding and skipped.
+LOWBIT_HOST_DEVICE inline void decodeWord(uint32_t wordUnsigned, int64_t firstIndex, int64_t numel,
+    int64_t perChannel, uint32_t levels, int32_t qmin, int32_t codesPerWord, uint16_t const* scaleFp16, float* out)
+{
+    for (int32_t digit = 0; digit < codesPerWord; ++digit)
+    {
+        int64_t const index = firstIndex + digit;
+        if (index >= numel)
+        {
+            return;
+        }
+        int32_t const code = static_cast<int32_t>(wordUnsigned % levels);
+        wordUnsigned /= levels;
+        // A single float32 multiply of exactly representable operands: bit-identical to the torch reference.
+        out[index] = static_cast<float>(code + qmin) * halfBitsToFloat(scaleFp16[index / perChannel]);
+    }
+}
+
+//! Launches the decode on `stream`. Word is uint8_t (INT8 words) or uint32_t (INT32 words), read as unsigned.
+template <typename Word>
+cudaError_t launchUnpackDequantize(Word const* packed, uint16_t const* scaleFp16, float* out, int64_t numel,
+    int64_t channels, int32_t levels, int32_t qmin, int32_t codesPerWord, cudaStream_t stream);
+
+//! Same semantics on host memory (reference and CPU fallback).
+template <typename Word>
+void unpackDequantizeHost(Word const* packed, uint16_t const* scaleFp16, float* out, int64_t numel, int64_t channels,
+    int32_t levels, int32_t qmin, int32_t codesPerWord);
+
+} // namespace lowbit
+
+extern "C"
+{
+//! Return codes of the C ABI: 0 success, > 0 a cudaError_t, < 0 an argument error (see lowbit_error_string).
+#define LOWBIT_ERR_BAD_WORD_BITS (-1)
+#define LOWBIT_ERR_BAD_LEVELS (-2)
+#define LOWBIT_ERR_BAD_CODES_PER_WORD (-3)
+#define LOWBIT_ERR_BAD_SHAPE (-4)
+#define LOWBIT_ERR_NULL_POINTER (-5)
+
+//! Mirror of the constants in lowbitFormat.h, for bindings that cannot parse C++ (ctypes).
+typedef struct LowbitFormatConstants
+{
+    int32_t int8_words_format_id;
+    int32_t int8_words_word_bits;
+    int32_t int32_words_format_id;
+    int32_t int32_words_word_bits;
+    int32_t min_levels;
+    int32_t max_levels;
+    char const* op_name;
+    char const* plugin_namespace;
+    char const* op_version;
+} LowbitFormatConstants;
+
+int lowbit_format_constants(LowbitFormatConstants* out);
+
+//! Device pointers; `stream` is a cudaStream_t (0 = legacy default stream). Asynchronous.
+int lowbit_unpack_dequantize_launch(void const* packed, int word_bits, uint16_t const* scale_fp16, float* out,
+    int64_t numel, int64_t channels, int levels, int qmin, int codes_per_word, cudaStream_t stream);
+
+//! Host pointers; synchronous.
+int lowbit_unpack_dequantize_host(void const* packed, int word_bits, uint16_t const* scale_fp16, float* out,
+    int64_t numel, int64_t channels, int levels, int qmin, int codes_per_word);
+
+char const* lowbit_error_string(int code);
+}
+
+#endif // LOWBIT_UNPACK_DEQUANTIZE_KERNEL_H
