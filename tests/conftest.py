@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-import torch
 
-TINY_RECIPE = {
-    "version": 1,
-    "name": "tiny-test",
-    "quantize": {
-        "layers": [
-            {"pattern": "conv_in", "bits": 8, "grid": "signed"},
-            {"pattern": "conv_out", "bits": 8, "grid": "signed"},
-            {"pattern": "time_embedding.*", "keep_float": True},
-            {"pattern": "*.time_emb_proj", "keep_float": True},
-            {"pattern": "*", "bits": 2, "grid": "balanced"},
-        ]
-    },
-    "train": {"steps": 2, "batch_size": 2, "checkpoint_every": 1, "data": "gaussian"},
-    "validate": {"batches": 1, "batch_size": 2, "sampling": {"num_samples": 2, "num_steps": 2}},
-}
+# Test modules import the tiny-model factory from tests/tinymodels.py (module-scoped fixtures need it directly).
+sys.path.insert(0, str(Path(__file__).parent))
 
-
-def make_tiny_unet(seed: int = 0, cross_attention_dim: int = 16):
-    """A ~100k-parameter UNet2DConditionModel with cross-attention down/mid/up blocks, like SD's layout."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=4,
-    ).eval()
+from tinymodels import TINY_RECIPE, make_tiny_unet  # noqa: E402
 
 
 @pytest.fixture
@@ -52,3 +31,4 @@ def tiny_model_dir(tmp_path):
     folder = tmp_path / "tiny-sd"
     make_tiny_unet().save_pretrained(folder / "unet")
     return folder
+

@@ -1,0 +1,79 @@
+"""The CLI end to end on a tiny local checkpoint (CliRunner): closing lines, exit codes, clean user errors."""
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from lowbit_deploy.cli import main
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """One train -> export -> validate chain (no engine build here; tests/trt builds engines)."""
+    from tinymodels import TINY_RECIPE, make_tiny_unet
+
+    root = tmp_path_factory.mktemp("cli")
+    make_tiny_unet().save_pretrained(root / "model" / "unet")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
+    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(root / "run"), "--model",
+                                       str(root / "model"), "--no-build", "--no-progress"])
+    return root, result
+
+
+def test_run_chains_every_stage_and_passes(chain):
+    root, result = chain
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1].startswith("PASSED | Runtime: ")
+    run = root / "run"
+    for artifact in ("checkpoint/quantized_unet.safetensors", "model.onnx", "model_fp16.onnx", "report.json",
+                     "report.md", "samples.png"):
+        assert (run / artifact).is_file(), artifact
+    report = json.loads((run / "report.json").read_text())
+    assert report["validate"]["passed"] is True
+    statuses = {item["artifact"]: item["status"] for item in report["validate"]["parity"]}
+    assert statuses["onnxruntime"] == "passed"
+    assert statuses["tensorrt"].startswith("not run")  # never "passed" when it did not run
+    assert report["build"]["status"] == "not run: --no-build"
+    assert "PASSED" in (run / "report.md").read_text()
+
+
+def test_validate_fails_with_exit_1_and_names_the_passing_tolerance(chain):
+    root, _ = chain
+    result = CliRunner().invoke(main, ["validate", str(root / "run"), "--max-abs", "0", "--min-sqnr-db", "1000",
+                                       "--skip-sampling"])
+    assert result.exit_code == 1, result.output
+    assert "passes with --max-abs" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("FAILED | Runtime: ")
+
+
+def test_export_is_repeatable_on_the_same_run(chain):
+    root, _ = chain
+    result = CliRunner().invoke(main, ["export", str(root / "run")])
+    assert result.exit_code == 0, result.output
+    assert "lowbit nodes" in result.output
+
+
+def test_unknown_recipe_key_is_a_clean_error_and_writes_nothing(tmp_path, tiny_recipe_dict):
+    tiny_recipe_dict["quantize"]["layers"][0]["bitz"] = 3
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict))
+    result = CliRunner().invoke(main, ["train", str(recipe), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    assert "bitz: unknown key" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "build", "validate"])
+def test_stage_on_missing_run_dir_is_a_clean_error(tmp_path, command):
+    result = CliRunner().invoke(main, [command, str(tmp_path / "nothing-here")])
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["train"], ["export"], ["build"], ["validate"]])
+def test_help_texts(command):
+    result = CliRunner().invoke(main, [*command, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
