@@ -12,7 +12,7 @@ from lowbit_deploy.models import DigitClassifier, load_digits
 def test_digits_splits_are_fixed_and_disjoint():
     train_images, train_labels = load_digits("train")
     val_images, val_labels = load_digits("val")
-    assert train_images.shape == (1437, 1, 16, 16) and val_images.shape == (360, 1, 16, 16)
+    assert train_images.shape == (1438, 1, 16, 16) and val_images.shape == (359, 1, 16, 16)
     assert train_labels.dtype == torch.long and set(val_labels.tolist()) == set(range(10))
     assert float(train_images.min()) == -1.0 and float(train_images.max()) <= 1.0
     again, _ = load_digits("val")
@@ -24,7 +24,7 @@ def test_digits_splits_are_fixed_and_disjoint():
 
 def test_digits_other_size_and_bad_split():
     images, _ = load_digits("val", image_size=8)
-    assert images.shape == (360, 1, 8, 8)
+    assert images.shape == (359, 1, 8, 8)
     with pytest.raises(UserError, match="train, val"):
         load_digits("test")
 

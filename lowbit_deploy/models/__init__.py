@@ -1,0 +1,60 @@
+"""Models: the embedded default (a tiny class-prompted digit UNet), foreign diffusers checkpoints, their conditions.
+
+Importing this package is cheap: torch and diffusers load when a function runs. ``load_digits``,
+``DigitClassifier``, ``PromptEncoder`` and ``ConditionSource`` are resolved lazily on first access.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+
+    from .classifier import DigitClassifier
+    from .conditioning import ConditionSource
+
+DEFAULT_MODEL_DIR: Path = Path(__file__).parent / "default"
+
+_LAZY = {
+    "load_digits": "digits",
+    "DigitClassifier": "classifier",
+    "PromptEncoder": "conditioning",
+    "ConditionSource": "conditioning",
+    "PromptConditionSource": "conditioning",
+    "RandomConditionSource": "conditioning",
+    "default_unet_config": "loading",
+}
+
+__all__ = ["DEFAULT_MODEL_DIR", "ModelBundle", "load_model", *_LAZY]
+
+
+@dataclass
+class ModelBundle:
+    unet: "UNet2DConditionModel"      # fp32, eval mode, on CPU
+    source: str                       # the resolved folder the UNet was loaded from
+    condition: "ConditionSource"
+    classifier: "DigitClassifier | None"  # None for foreign checkpoints
+    scheduler_config: dict            # diffusers scheduler config: training noise and sampling
+
+
+def load_model(path: str | os.PathLike | None = None, subfolder: str | None = None) -> ModelBundle:
+    """Load the embedded default (``path=None``) or a local diffusers checkpoint folder (safetensors only).
+
+    With ``subfolder=None`` a ``PATH/unet/config.json`` selects the ``unet`` subfolder. Problems with the folder
+    raise ``lowbit_deploy.errors.UserError`` naming the problem and the fix.
+    """
+    from .loading import load_model_from
+
+    return load_model_from(DEFAULT_MODEL_DIR if path is None else path, subfolder)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -1,0 +1,171 @@
+"""``load_model``: the embedded default or any local diffusers UNet checkpoint folder, safetensors only."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from ..errors import UserError
+
+UNET_CONFIG = "config.json"
+SCHEDULER_CONFIG = ("scheduler", "scheduler_config.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# SD1.5's training noise, for checkpoints that ship no scheduler folder.
+SD15_DDPM_CONFIG = {
+    "_class_name": "DDPMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+}
+
+
+def default_unet_config(cross_attention_dim: int = 64) -> dict:
+    """The embedded default's UNet2DConditionModel: SD-like blocks at toy size (16x16x1 digits, ~2M params)."""
+    return {
+        "sample_size": 16,
+        "in_channels": 1,
+        "out_channels": 1,
+        "block_out_channels": (32, 64, 64),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "layers_per_block": 1,
+        "cross_attention_dim": cross_attention_dim,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
+
+
+def _fix_hint(folder: Path) -> str:
+    return (f"convert it once with: python -c \"from diffusers import UNet2DConditionModel as U; "
+            f"U.from_pretrained('{folder}', use_safetensors=False).save_pretrained('{folder}_safetensors')\" "
+            f"(only for a checkpoint you trust: pickle files can run code)")
+
+
+def _resolve_unet_folder(root: Path, subfolder: str | None) -> tuple[Path, str | None]:
+    if not root.exists():
+        raise UserError(f"model folder {root} does not exist; pass a local diffusers checkpoint folder (with "
+                        f"unet/config.json, or config.json + diffusion_pytorch_model.safetensors), or leave the "
+                        f"model path out to use the embedded default")
+    if not root.is_dir():
+        raise UserError(f"model path {root} is a file; pass the checkpoint folder that holds it (diffusers layout "
+                        f"with config.json), not a single weights file")
+    if subfolder is None and (root / "unet" / UNET_CONFIG).is_file():
+        subfolder = "unet"
+    folder = root / subfolder if subfolder else root
+    if not folder.is_dir():
+        raise UserError(f"subfolder {subfolder!r} does not exist in {root}; "
+                        f"available: {', '.join(sorted(p.name for p in root.iterdir() if p.is_dir())) or 'none'}")
+    if not (folder / UNET_CONFIG).is_file():
+        raise UserError(f"{folder} has no {UNET_CONFIG}, so it is not a diffusers UNet folder; point at the "
+                        f"checkpoint root (with unet/config.json) or pass subfolder= the folder holding the UNet "
+                        f"config, or re-save the model with UNet2DConditionModel.save_pretrained")
+    return folder, subfolder
+
+
+def _check_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / UNET_CONFIG).read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{folder / UNET_CONFIG} is not readable JSON ({error}); re-export the checkpoint with "
+                        f"save_pretrained") from error
+    class_name = config.get("_class_name", "UNet2DConditionModel")
+    if class_name != "UNet2DConditionModel":
+        raise UserError(f"{folder / UNET_CONFIG} describes a {class_name}; lowbit-deploy quantizes "
+                        f"UNet2DConditionModel checkpoints (SD1.x/2.x-like): pass such a folder")
+    return config
+
+
+def _check_weights(folder: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    safetensors_files = sorted(folder.glob("*.safetensors"))
+    if not safetensors_files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise UserError(f"{folder} holds only pickle weights ({', '.join(pickles)}); lowbit-deploy loads "
+                            f"safetensors only; {_fix_hint(folder)}")
+        raise UserError(f"{folder} has no weights (expected diffusion_pytorch_model.safetensors next to "
+                        f"config.json); copy the weights there or re-save with save_pretrained")
+    for path in safetensors_files:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                names = list(handle.keys())
+                for name in names:
+                    handle.get_slice(name).get_shape()
+        except (SafetensorError, OSError, ValueError) as error:
+            raise UserError(f"weights file {path} is corrupt or truncated ({error}); re-download or re-export "
+                            f"the checkpoint with save_pretrained(safe_serialization=True)") from error
+
+
+def _load_unet(folder: Path, root: Path, subfolder: str | None):
+    from diffusers import UNet2DConditionModel
+
+    try:
+        unet, info = UNet2DConditionModel.from_pretrained(
+            str(root), subfolder=subfolder, local_files_only=True, use_safetensors=True, output_loading_info=True,
+            low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
+        raise UserError(f"cannot load the UNet from {folder}: {error}; check that config.json and the "
+                        f"safetensors weights belong together (re-export with save_pretrained)") from error
+    # diffusers only warns about missing weights and initialises them randomly; a silently random layer would
+    # then be quantized and "validated" against itself.
+    problems = {kind: info.get(kind) for kind in ("missing_keys", "mismatched_keys", "unexpected_keys")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        listed = "; ".join(f"{kind}: {', '.join(map(str, keys[:5]))}{' ...' if len(keys) > 5 else ''}"
+                           for kind, keys in problems.items())
+        raise UserError(f"the weights in {folder} do not match its config.json ({listed}); check that config.json "
+                        f"and the safetensors weights belong together (re-export with save_pretrained)")
+    return unet.float().eval().requires_grad_(False)
+
+
+def _scheduler_config(root: Path) -> dict:
+    path = root.joinpath(*SCHEDULER_CONFIG)
+    if not path.is_file():
+        return dict(SD15_DDPM_CONFIG)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is not readable JSON ({error}); fix or delete it (a DDPM SD1.5 schedule is then "
+                        f"assumed)") from error
+
+
+def _cross_attention_dim(config: dict) -> int:
+    dim = config.get("encoder_hid_dim") or config.get("cross_attention_dim")
+    if isinstance(dim, (list, tuple)):
+        if len(set(dim)) != 1:
+            raise UserError(f"per-block cross_attention_dim {dim} is not supported; use a checkpoint with one "
+                            f"cross-attention width")
+        dim = dim[0]
+    return int(dim)
+
+
+def load_model_from(path: str | os.PathLike, subfolder: str | None):
+    """The body of ``models.load_model`` for an explicit folder (the default is just one such folder)."""
+    from . import ModelBundle
+    from .classifier import DigitClassifier
+    from .conditioning import PromptConditionSource, PromptEncoder, RandomConditionSource
+
+    root = Path(path).expanduser().resolve()
+    folder, subfolder = _resolve_unet_folder(root, subfolder)
+    config = _check_config(folder)
+    _check_weights(folder)
+    unet = _load_unet(folder, root, subfolder)
+    # A folder laid out like the default (prompt_encoder/ beside unet/) keeps its prompts and its judge.
+    if (root / "prompt_encoder" / "config.json").is_file():
+        condition = PromptConditionSource(PromptEncoder.load(root / "prompt_encoder"))
+        classifier_dir = root / "classifier"
+        classifier = DigitClassifier.load(classifier_dir) if (classifier_dir / "config.json").is_file() else None
+    else:
+        condition = RandomConditionSource(dim=_cross_attention_dim(config))
+        classifier = None
+    return ModelBundle(unet=unet, source=str(folder), condition=condition, classifier=classifier,
+                       scheduler_config=_scheduler_config(root))
