@@ -57,6 +57,11 @@ def _polygraphy_for(backend: TensorRTBackend) -> Any:
     from polygraphy import config as polygraphy_config
 
     polygraphy_config.USE_TENSORRT_RTX = backend.is_rtx
+    from polygraphy.logger import G_LOGGER
+
+    # Polygraphy's INFO log prints the whole builder configuration per engine; the BuildReport carries what matters.
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+    G_LOGGER.has_colors = False
     return polygraphy_config
 
 
