@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..quant.packing import PackedLayout, PackingFormat, pack_codes
+from ..quant.packing import PackedLayout, PackingFormat, pack_codes, unpack_codes
 
 OP_DOMAIN = "lowbit"
 OP_TYPE = "UnpackDequantize"
@@ -43,6 +43,12 @@ class PackedWeight:
     @property
     def nbytes(self) -> int:
         return self.packed_words.nbytes + self.scale_fp16.nbytes
+
+    def dequantized(self) -> np.ndarray:
+        """The numpy reference of the op's semantics: ``float32(code + qmin) * float32(scale)`` per channel."""
+        codes = unpack_codes(self.packed_words, self.levels, self.layout.fmt, self.layout.numel)
+        q = (codes + self.qmin).astype(np.float32).reshape(self.shape[0], -1)
+        return (q * self.scale_fp16.astype(np.float32)[:, None]).reshape(self.shape)
 
 
 def _ref_attr(name: str, attr_type: int) -> onnx.AttributeProto:
