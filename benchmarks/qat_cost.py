@@ -12,7 +12,7 @@ import time
 import torch
 from _common import print_table, recipe_with
 
-from lowbit_deploy.models import load_model
+from lowbit_deploy.models import load_model, sample_shape
 from lowbit_deploy.quant.apply import quantize_model
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     bundle = load_model(None)
     generator = torch.Generator().manual_seed(0)
-    shape = (args.batch, bundle.unet.config.in_channels, bundle.unet.config.sample_size, bundle.unet.config.sample_size)
+    shape = (args.batch, *sample_shape(bundle.unet))
     states, _ = bundle.condition.sample(args.batch, generator)
     batch = (torch.randn(shape, generator=generator), torch.randint(0, 1000, (args.batch,), generator=generator),
              states, torch.randn(shape, generator=generator))

@@ -18,6 +18,34 @@ from lowbit_deploy.pipeline import build_run
 from lowbit_deploy.qat.trainer import train
 
 VARIANTS = [(2, "balanced"), (4, "signed"), (1, "balanced")]
+# Stable Diffusion 1.5's widest convolution (1280 -> 1280, 3x3): 14.7 M weights, where weights dominate an engine.
+SD_LAYER = (1280, 1280, 3, 3)
+LEVELS = {"balanced W1": 3, "balanced W2": 5, "signed W4": 16}
+
+
+def sd_scale_layer_rows(root: Path) -> list[list[object]]:
+    """Engine bytes of one SD-sized conv: packed through the plugin vs dense float16 weights."""
+    import numpy as np
+    import onnx
+
+    from lowbit_deploy.build.engine import build_engine
+    from lowbit_deploy.build.toy_models import conv_chain_model, plain_conv_model, random_weight
+    from lowbit_deploy.quant.packing import best_format
+
+    rows = []
+    fp16_path = None
+    for name, levels in LEVELS.items():
+        weight = random_weight("w0", SD_LAYER, levels, best_format(levels), np.random.default_rng(0))
+        packed_path = root / f"sd-layer-{levels}.onnx"
+        onnx.save(conv_chain_model([weight], (1, SD_LAYER[1], 8, 8)), packed_path)
+        if fp16_path is None:
+            fp16_path = root / "sd-layer-fp16.onnx"
+            onnx.save(plain_conv_model([weight], (1, SD_LAYER[1], 8, 8), np.float16), fp16_path)
+            fp16_bytes = build_engine(fp16_path, fp16_path.with_suffix(".engine")).engine_bytes
+        packed_bytes = build_engine(packed_path, packed_path.with_suffix(".engine")).engine_bytes
+        rows.append([f"{name} 1280x1280x3x3", weight.nbytes, 2 * int(np.prod(SD_LAYER)), packed_bytes, fp16_bytes,
+                     fp16_bytes / packed_bytes])
+    return rows
 
 
 def main() -> None:
@@ -44,6 +72,10 @@ def main() -> None:
     print_table("size (bytes; ratio = fp16 / packed)",
                 ["weights", "packed w", "fp16 w", "w ratio", "onnx", "fp16 onnx", "onnx ratio", "engine",
                  "fp16 engine", "engine ratio"], rows)
+    if not reason:
+        print_table("one SD1.5-sized conv layer, engine bytes (ratio = fp16 / packed)",
+                    ["layer", "packed w", "fp16 w", "engine", "fp16 engine", "engine ratio"],
+                    sd_scale_layer_rows(root))
     print(f"artifacts in {root}")
 
 

@@ -25,10 +25,10 @@ def parse_compute_capability(text: str) -> tuple[int, int]:
 
 def input_shape_ranges(unet, seq_len: int, batches: tuple[int, int, int]) -> dict[str, tuple]:
     """(min, opt, max) shapes of the exported UNet's inputs: batch varies, everything else is the model's."""
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    from .models import sample_shape
+
     per_batch = {
-        "sample": lambda b: (b, unet.config.in_channels, height, width),
+        "sample": lambda b: (b, *sample_shape(unet)),
         "timestep": lambda b: (b,),
         "encoder_hidden_states": lambda b: (b, seq_len, unet.config.cross_attention_dim),
     }

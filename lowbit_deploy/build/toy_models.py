@@ -26,7 +26,7 @@ def random_weight(name: str, shape: tuple[int, ...], levels: int, fmt: packing.P
     return PackedWeight.from_integers(name, q, -(levels // 2), levels, scale, fmt)
 
 
-def conv_chain_model(weights: list[ToyWeight], input_shape: tuple[int, int, int, int]) -> onnx.ModelProto:
+def conv_chain_model(weights: list[PackedWeight], input_shape: tuple[int, int, int, int]) -> onnx.ModelProto:
     """x -> Conv(w0) -> Relu -> Conv(w1) -> ... -> y, every weight decoded by an UnpackDequantize node ("same" pads)."""
     nodes, initializers = [], []
     current = "x"
@@ -52,12 +52,17 @@ def conv_chain_model(weights: list[ToyWeight], input_shape: tuple[int, int, int,
     return model
 
 
-def plain_conv_model(weights: list[ToyWeight], input_shape: tuple[int, int, int, int]) -> onnx.ModelProto:
-    """The same chain with float32 weights as initializers (baseline for engine-size comparisons)."""
+def plain_conv_model(weights: list[PackedWeight], input_shape: tuple[int, int, int, int],
+                     dtype: type[np.floating] = np.float32) -> onnx.ModelProto:
+    """The same chain with dense weights (float32, or float16 with float16 I/O) as initializers: the baseline for
+    engine-size comparisons."""
     model = conv_chain_model(weights, input_shape)
     graph = model.graph
     keep = [node for node in graph.node if node.op_type != OP_TYPE]
-    dense = [numpy_helper.from_array(w.dequantized(), f"{w.name}.weight") for w in weights]
+    dense = [numpy_helper.from_array(w.dequantized().astype(dtype), f"{w.name}.weight") for w in weights]
+    element_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    for value in (*graph.input, *graph.output):
+        value.type.tensor_type.elem_type = element_type
     del graph.node[:]
     graph.node.extend(keep)
     del graph.initializer[:]

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_path, update_report
+from ..models import sample_shape
 from ..quant.apply import quantized_layers
 from ..quant.packing import PackingFormat, best_format
 from .lowbit_ops import PackedWeight, attach_function, make_initializers, make_node
@@ -62,10 +63,8 @@ class ExportReport:
 
 
 def example_inputs(unet: nn.Module, batch: int = 2, seq_len: int = 8, dtype=torch.float32) -> tuple[torch.Tensor, ...]:
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
     generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(batch, unet.config.in_channels, height, width, generator=generator).to(dtype)
+    sample = torch.randn(batch, *sample_shape(unet), generator=generator).to(dtype)
     timestep = torch.linspace(1, 999, batch).to(dtype)
     states = torch.randn(batch, seq_len, unet.config.cross_attention_dim, generator=generator).to(dtype)
     return sample, timestep, states
@@ -103,7 +102,15 @@ def deployed_float_unet(unet: nn.Module) -> nn.Module:
 
 
 def trace_to_onnx(unet: nn.Module, path: Path, opset: int, dtype=torch.float32, seq_len: int = 8) -> onnx.ModelProto:
-    model = UNetForExport(unet.to(dtype)).eval()
+    from diffusers.utils import logging as diffusers_logging
+
+    # diffusers warns on every ModelMixin.to(dtype) about fp32-only modules; the UNet has none, so silence it here.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        model = UNetForExport(unet.to(dtype)).eval()
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     batch_axes = {name: {0: "batch"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
     batch_axes["encoder_hidden_states"][1] = "tokens"
     with torch.no_grad(), warnings.catch_warnings():

@@ -30,7 +30,7 @@ _LAZY = {
     "default_unet_config": "loading",
 }
 
-__all__ = ["DEFAULT_MODEL_DIR", "ModelBundle", "load_model", *_LAZY]
+__all__ = ["DEFAULT_MODEL_DIR", "ModelBundle", "load_model", "sample_shape", *_LAZY]
 
 
 @dataclass
@@ -40,6 +40,13 @@ class ModelBundle:
     condition: "ConditionSource"
     classifier: "DigitClassifier | None"  # None for foreign checkpoints
     scheduler_config: dict            # diffusers scheduler config: training noise and sampling
+
+
+def sample_shape(unet: "UNet2DConditionModel") -> tuple[int, int, int]:
+    """``(channels, height, width)`` of one sample (a latent for SD, an image for the default) the UNet denoises."""
+    size = unet.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return unet.config.in_channels, height, width
 
 
 def load_model(path: str | os.PathLike | None = None, subfolder: str | None = None) -> ModelBundle:

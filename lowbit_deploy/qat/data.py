@@ -13,6 +13,7 @@ from typing import Callable, Protocol
 import torch
 
 from ..errors import UserError
+from ..models import sample_shape
 from ..recipes import DataSource
 
 
@@ -26,19 +27,13 @@ class BatchSampler(Protocol):
     def __call__(self, batch_size: int, generator: torch.Generator) -> Batch: ...
 
 
-def _sample_shape(unet) -> tuple[int, int, int]:
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return unet.config.in_channels, height, width
-
-
 def digits_sampler(bundle) -> BatchSampler:
     from ..models import load_digits
 
     if bundle.condition.num_classes is None:
         raise UserError("train.data=digits needs the embedded default model (class prompts); "
                         "use `data: gaussian` for other checkpoints")
-    images, labels = load_digits("train", image_size=_sample_shape(bundle.unet)[1])
+    images, labels = load_digits("train", image_size=sample_shape(bundle.unet)[1])
 
     def sample(batch_size: int, generator: torch.Generator) -> Batch:
         index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
@@ -48,7 +43,7 @@ def digits_sampler(bundle) -> BatchSampler:
 
 
 def gaussian_sampler(bundle) -> BatchSampler:
-    shape = _sample_shape(bundle.unet)
+    shape = sample_shape(bundle.unet)
 
     def sample(batch_size: int, generator: torch.Generator) -> Batch:
         x0 = torch.randn((batch_size, *shape), generator=generator)

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ..io import update_report
+from ..models import sample_shape
 from ..recipes import SamplingSection, Tolerances
 from .sampling import unet_denoiser
 from .stats import OutputStats, check, compare, merge
@@ -51,10 +52,8 @@ class ValidationReport:
 def parity_batches(unet, condition, batches: int, batch_size: int, seed: int):
     """Seeded inputs spanning the timestep range; the same for every artifact."""
     generator = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
     for _ in range(batches):
-        sample = torch.randn(batch_size, unet.config.in_channels, height, width, generator=generator)
+        sample = torch.randn(batch_size, *sample_shape(unet), generator=generator)
         timestep = torch.randint(0, 1000, (batch_size,), generator=generator).float()
         states, _ = condition.sample(batch_size, generator)
         yield sample, timestep, states.float()
@@ -107,7 +106,7 @@ def sampling_parity(bundle, quantized: Denoise, ort: Denoise, config: SamplingSe
     null = condition.null(count)
     common = dict(scheduler_config=bundle.scheduler_config, num_steps=config.num_steps,
                   guidance_scale=config.guidance_scale, seed=config.seed,
-                  sample_shape=_sample_shape(bundle.unet))
+                  sample_shape=sample_shape(bundle.unet))
     with torch.no_grad():
         images = {
             "fp": sampling.sample(unet_denoiser(bundle.unet), cond, null, **common),
@@ -135,12 +134,6 @@ def sampling_parity(bundle, quantized: Denoise, ort: Denoise, config: SamplingSe
 
 def _finite_or_str(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
-
-
-def _sample_shape(unet) -> tuple[int, int, int]:
-    size = unet.config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return unet.config.in_channels, height, width
 
 
 def validate_run(run_dir: str | Path, *, tolerances: Tolerances | None = None,

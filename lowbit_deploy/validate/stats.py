@@ -36,7 +36,9 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> OutputStats:
         max_abs=float(abs_error.max(initial=0.0)),
         mean_abs=float(abs_error.mean()) if abs_error.size else 0.0,
         max_rel=float((abs_error / np.maximum(np.abs(reference), 1e-6)).max(initial=0.0)),
-        cosine=float(np.dot(reference, candidate) / norms) if norms > 0 else float(noise == 0.0),
+        # Identical outputs are exactly aligned; float64 rounding of the dot product must not make them fail a 1.0 gate.
+        cosine=1.0 if noise == 0.0 else (float(np.clip(np.dot(reference, candidate) / norms, -1, 1)) if norms > 0
+                                         else 0.0),
         sqnr_db=math.inf if noise == 0.0 else 10.0 * math.log10(max(signal, _EPS) / noise),
     )
 
