@@ -12,6 +12,8 @@ from ..io import atomic_path, write_text_atomic
 _UPSCALE = 4
 _LABEL_HEIGHT = 14
 _GAP = 6
+_TILE_GAP = 1
+_GAP_GRAY = 96
 
 
 def _panel(images: torch.Tensor, columns: int):
@@ -20,11 +22,13 @@ def _panel(images: torch.Tensor, columns: int):
     images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     count, channels, height, width = images.shape
     rows = -(-count // columns)
-    canvas = Image.new("L" if channels == 1 else "RGB", (columns * width, rows * height))
+    pitch_x, pitch_y = width + _TILE_GAP, height + _TILE_GAP
+    canvas = Image.new("L" if channels == 1 else "RGB", (columns * pitch_x - _TILE_GAP, rows * pitch_y - _TILE_GAP),
+                       color=_GAP_GRAY if channels == 1 else (_GAP_GRAY,) * 3)
     for index in range(count):
         array = images[index].permute(1, 2, 0).squeeze(-1).numpy()
         tile = Image.fromarray(array)
-        canvas.paste(tile, ((index % columns) * width, (index // columns) * height))
+        canvas.paste(tile, ((index % columns) * pitch_x, (index // columns) * pitch_y))
     return canvas.resize((canvas.width * _UPSCALE, canvas.height * _UPSCALE), Image.NEAREST)
 
 
