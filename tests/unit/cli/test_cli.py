@@ -77,3 +77,20 @@ def test_stage_on_missing_run_dir_is_a_clean_error(tmp_path, command):
 def test_help_texts(command):
     result = CliRunner().invoke(main, [*command, "--help"])
     assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_export_of_a_corrupt_checkpoint_leaves_no_onnx(tmp_path):
+    checkpoint = tmp_path / "run" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "quantized_unet.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
+    result = CliRunner().invoke(main, ["export", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "error:" in result.output
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint"]
+
+
+def test_pickle_checkpoint_is_refused_by_every_stage(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "quantized_unet.pt").write_bytes(b"\x80\x04.")
+    for command in ("export", "validate"):  # build reads model.onnx, which a pickle-only run never has
+        result = CliRunner().invoke(main, [command, str(tmp_path / "run")])
+        assert result.exit_code == 2 and "safetensors only" in result.output, (command, result.output)

@@ -83,3 +83,10 @@ def test_timestep_sampling_is_seeded_and_in_range(tiny_recipe_dict, sampling):
     mean = draws[0].float().mean().item()
     # Beta(3, 1) has mean 3/4: it favours the noisy end, where quantization error grows.
     assert mean == pytest.approx(750 if sampling == "beta" else 500, abs=25)
+
+
+def test_recipe_matching_no_layer_writes_nothing(tmp_path, tiny_model_dir, tiny_recipe_dict):
+    tiny_recipe_dict["quantize"]["layers"] = [{"pattern": "nothing.matches.*", "bits": 2}]
+    with pytest.raises(UserError, match="matched no quantizable layer"):
+        _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
