@@ -45,3 +45,27 @@ def update_report(run_dir: str | os.PathLike, stage: str, entry: dict) -> dict:
     report[stage] = entry
     write_json_atomic(path, report)
     return report
+
+
+def save_small_module(folder: str | os.PathLike, config: dict, module) -> None:
+    """Write ``config.json`` + ``model.safetensors`` for a small ``nn.Module`` (each file atomically)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    write_json_atomic(folder / "config.json", config)
+    state = {name: tensor.detach().contiguous() for name, tensor in module.state_dict().items()}
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file(state, str(tmp))
+
+
+def load_small_module(folder: str | os.PathLike, what: str, fix: str) -> tuple[dict, dict]:
+    """Read what :func:`save_small_module` wrote: ``(config, state_dict)``, or a UserError naming ``fix``."""
+    from safetensors.torch import load_file
+
+    from .errors import UserError
+
+    folder = Path(folder)
+    try:
+        return json.loads((folder / "config.json").read_text()), load_file(str(folder / "model.safetensors"))
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load the {what} from {folder}: {error}; {fix}") from error

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import UserError
+from ..io import load_small_module, save_small_module
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class DigitClassifier(nn.Module):
@@ -54,28 +51,16 @@ class DigitClassifier(nn.Module):
         return float((self.predict(images) == labels.to(torch.long)).float().mean())
 
     def save(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
-        state = {name: tensor.detach().contiguous() for name, tensor in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME))
+        save_small_module(path, self.config, self)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None) -> "DigitClassifier":
         """The classifier saved in ``path`` (default: the one shipped in ``models/default/classifier``)."""
-        from safetensors.torch import load_file
-
         from . import DEFAULT_MODEL_DIR
 
         folder = Path(path) if path is not None else DEFAULT_MODEL_DIR / "classifier"
-        try:
-            config = json.loads((folder / CONFIG_NAME).read_text())
-            state = load_file(str(folder / WEIGHTS_NAME))
-        except (OSError, ValueError) as error:
-            raise UserError(f"cannot load the digit classifier from {folder}: {error}; regenerate it with "
-                            "`python scripts/train_default_model.py`") from error
+        config, state = load_small_module(folder, "digit classifier",
+                                          "regenerate it with `python scripts/train_default_model.py`")
         config["channels"] = tuple(config["channels"])
         model = cls(**config)
         model.load_state_dict(state, strict=True)

@@ -7,19 +7,16 @@ a fixed word vocabulary trained jointly with the UNet. The empty prompt is the u
 from __future__ import annotations
 
 import abc
-import json
 import os
 import re
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..errors import UserError
+from ..io import load_small_module, save_small_module
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 PAD_TOKEN = "<pad>"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEFAULT_VOCABULARY = (PAD_TOKEN, "a", "an", "the", "handwritten", "digit", "number", "of", "picture", "image",
@@ -80,25 +77,12 @@ class PromptEncoder(nn.Module):
         return self(self.tokenize(prompts))
 
     def save(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
-        save_file({name: value.detach().contiguous() for name, value in self.state_dict().items()},
-                  str(folder / WEIGHTS_NAME))
+        save_small_module(path, self.config, self)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PromptEncoder":
-        from safetensors.torch import load_file
-
-        folder = Path(path)
-        try:
-            config = json.loads((folder / CONFIG_NAME).read_text())
-            state = load_file(str(folder / WEIGHTS_NAME))
-        except (OSError, ValueError) as error:
-            raise UserError(f"cannot load the prompt encoder from {folder}: {error}; regenerate the default "
-                            "model with `python scripts/train_default_model.py`") from error
+        config, state = load_small_module(path, "prompt encoder", "regenerate the default model with "
+                                          "`python scripts/train_default_model.py`")
         encoder = cls(**config)
         encoder.load_state_dict(state, strict=True)
         return encoder.eval().requires_grad_(False)

@@ -159,7 +159,7 @@ def validate_run(run_dir: str | Path, *, tolerances: Tolerances | None = None,
                   else ArtifactParity("tensorrt", reason))
     sampling_result = ({"status": "not run: --skip-sampling"} if skip_sampling
                        else sampling_parity(bundle, quantized, ort, sampling, run_dir / "samples.png"))
-    passed = all(p.status in ("passed",) or p.status.startswith("not run") for p in parity) and \
+    passed = all(p.status == "passed" or p.status.startswith("not run") for p in parity) and \
         sampling_result["status"] != "failed"
     report = ValidationReport(parity, sampling_result, passed, time.perf_counter() - started)
     full = update_report(run_dir, "validate", {**report.to_dict(), "tolerances": tolerances.model_dump()})
