@@ -4,9 +4,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Pinned on purpose: this CPU wheel is on disk here; an unpinned `torch` would pull a multi-GB CUDA build.
-# Override for your platform, e.g. `make demo TORCH_SPEC="torch>=2.4"`.
+# Pinned on purpose: on the project's machines and in CI pip takes this CPU wheel from local disk, while an unpinned
+# `torch` would pull a multi-GB CUDA build. Elsewhere choose your build, e.g. a CPU wheel from PyTorch's index:
+#   make test TORCH_SPEC="torch>=2.4" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed-stamp
 KERNELS := plugins/build/liblowbit_kernels.so
 DEMO_RECIPE ?= recipes/tiny-w2-balanced.yaml
@@ -23,7 +25,7 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[tensorrt-rtx,dev]"
 	touch $(STAMP)
 

@@ -65,7 +65,8 @@ def main() -> None:
               help="Run directory to write the checkpoint (and later artifacts) into.")
 @click.option("--model", "model_path", default=None,
               help="Local diffusers checkpoint folder (overrides the recipe's model.path; default: embedded model).")
-@click.option("--steps", type=int, default=None, help="Override train.steps (0 = post-training quantization only).")
+@click.option("--steps", type=click.IntRange(min=0), default=None,
+              help="Override train.steps (0 = post-training quantization only).")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint already in --out from its last saved step.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @stage
@@ -143,11 +144,21 @@ def validate(run_dir: Path, max_abs, max_rel, min_cosine, min_sqnr_db, min_psnr_
                                                  min_sqnr_db=min_sqnr_db).items() if v is not None}
     sampling_overrides = {k: v for k, v in dict(min_psnr_db=min_psnr_db, num_samples=samples,
                                                 num_steps=sampling_steps).items() if v is not None}
-    report = validate_run(run_dir, tolerances=config.tolerances.model_copy(update=tolerance_overrides),
-                          sampling=config.sampling.model_copy(update=sampling_overrides),
-                          skip_sampling=skip_sampling)
+    report = validate_run(run_dir, tolerances=with_overrides(config.tolerances, tolerance_overrides),
+                          sampling=with_overrides(config.sampling, sampling_overrides), skip_sampling=skip_sampling)
     _print_validation(report.to_dict())
     return report.passed
+
+
+def with_overrides(section, overrides: dict):
+    """A recipe section with command-line overrides, validated by the same schema as the recipe."""
+    from pydantic import ValidationError
+
+    try:
+        return type(section).model_validate({**section.model_dump(), **overrides})
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        raise UserError(f"invalid option value: {problems}") from None
 
 
 def _print_validation(report: dict) -> None:
@@ -167,7 +178,7 @@ def _print_validation(report: dict) -> None:
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory for every artifact (must not hold a checkpoint yet).")
 @click.option("--model", "model_path", default=None, help="Local diffusers checkpoint folder to quantize.")
-@click.option("--steps", type=int, default=None, help="Override train.steps.")
+@click.option("--steps", type=click.IntRange(min=0), default=None, help="Override train.steps.")
 @click.option("--build/--no-build", default=True, help="Build the TensorRT engine (needs TensorRT or TensorRT-RTX).")
 @click.option("--progress/--no-progress", default=True)
 @stage
@@ -178,8 +189,9 @@ def run(recipe: Path, run_dir: Path, model_path, steps, build: bool, progress: b
     summary = run_pipeline(recipe, run_dir, model_path=model_path, steps=steps, progress=progress, build=build)
     click.echo(f"train: {json.dumps(summary['train'])}")
     export_report = summary["export"]
-    click.echo(f"export: {export_report['onnx_bytes']:,} bytes packed ONNX vs {export_report['fp16_onnx_bytes']:,} "
-               f"fp16 ({export_report['size_ratio_vs_fp16']:.2f}x)")
+    click.echo(f"export: {export_report['onnx_bytes']:,} bytes packed ONNX" + (
+        f" vs {export_report['fp16_onnx_bytes']:,} fp16 ({export_report['size_ratio_vs_fp16']:.2f}x)"
+        if export_report["fp16_onnx_bytes"] else ""))
     build_report = summary["build"]
     click.echo("build: " + (build_report["status"] if build_report["status"] != "built" else
                             f"{build_report['engine_bytes']:,} bytes engine, {build_report['plugin_layers']} plugin "

@@ -17,8 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
-from .quant.grids import MAX_BITS, MIN_BITS, GridKind, IntegerGrid
-from .quant.scale_init import ScaleInit
+from .quant.grids import MAX_BITS, MIN_BITS, GridKind, IntegerGrid, ScaleInit
 
 RECIPE_VERSION = 1
 
@@ -39,6 +38,9 @@ class LayerRule(_Strict):
     def _bits_or_float(self) -> "LayerRule":
         if self.keep_float == (self.bits is not None):
             raise ValueError(f"rule {self.pattern!r}: give either `bits` or `keep_float: true`, exactly one")
+        if self.bits == 1 and self.grid is GridKind.SIGNED:
+            raise ValueError(f"rule {self.pattern!r}: a signed 1-bit grid is {{-1, 0}} and zeroes every positive "
+                             f"weight; use `grid: balanced` ({{-1, 0, 1}}) for 1 bit")
         return self
 
     def integer_grid(self) -> IntegerGrid:

@@ -80,6 +80,8 @@ def ensure_kernel_library(plugins_dir: Path = PLUGINS_DIR) -> Path:
     # Serialise concurrent builds (pytest-xdist, parallel CLI runs) on one lock file.
     with open(plugins_dir / "build" / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if shutil.which("make") is None:
+            raise UserError(f"building {library} needs GNU make; install it (apt-get install make) and retry")
         result = subprocess.run(["make", "-C", str(plugins_dir), f"NVCC={nvcc}"], capture_output=True, text=True)
     if result.returncode != 0 or not library.exists():
         raise UserError(f"building {library} failed (make -C {plugins_dir}):\n{result.stdout[-3000:]}"

@@ -177,6 +177,9 @@ def export_run(run_dir: str | Path) -> ExportReport:
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir)
     config = checkpoint.recipe.export
+    if not config.export_fp16_reference:
+        # A reference left by an earlier export would otherwise be built and compared against this model.
+        (run_dir / "model_fp16.onnx").unlink(missing_ok=True)
     report = export_onnx(checkpoint.unet, run_dir / "model.onnx", opset=config.opset, packing=config.packing,
                          fp16_reference_path=run_dir / "model_fp16.onnx" if config.export_fp16_reference else None,
                          seq_len=checkpoint.condition_seq_len)

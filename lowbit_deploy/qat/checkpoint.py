@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..io import atomic_path
-from ..quant.apply import QuantizationPlan, quantize_model
+from ..quant.apply import quantize_model
 from ..recipes import Recipe, recipe_from_json
 
 CHECKPOINT_FORMAT = "lowbit-deploy/quantized-unet/1"
@@ -36,6 +36,7 @@ class QuantizedCheckpoint:
     step: int
     path: Path
     condition_seq_len: int
+    plan: dict  # QuantizationPlan.to_dict() as calibrated when training started
 
 
 def checkpoint_file(location: str | Path) -> Path:
@@ -72,7 +73,7 @@ def read_metadata(path: Path) -> dict[str, str]:
 
 
 def save_checkpoint(run_dir: Path, unet: torch.nn.Module, recipe: Recipe, model_source: str | None, step: int,
-                    plan: QuantizationPlan, condition_seq_len: int) -> Path:
+                    plan: dict, condition_seq_len: int) -> Path:
     target = Path(run_dir) / CHECKPOINT_DIRNAME / WEIGHTS_FILE
     metadata = {
         "format": CHECKPOINT_FORMAT,
@@ -81,7 +82,7 @@ def save_checkpoint(run_dir: Path, unet: torch.nn.Module, recipe: Recipe, model_
         "model_source": model_source or "",
         "step": str(step),
         "condition_seq_len": str(condition_seq_len),
-        "plan": json.dumps(plan.to_dict()),
+        "plan": json.dumps(plan),
     }
     state = {name: tensor.detach().contiguous() for name, tensor in unet.state_dict().items()}
     with atomic_path(target) as tmp:
@@ -108,7 +109,7 @@ def load_checkpoint(location: str | Path) -> QuantizedCheckpoint:
                         f"The file was edited or written by another tool; re-run training.") from None
     unet.eval()
     return QuantizedCheckpoint(unet, recipe, metadata["model_source"] or None, int(metadata["step"]), path,
-                               int(metadata["condition_seq_len"]))
+                               int(metadata["condition_seq_len"]), json.loads(metadata["plan"]))
 
 
 def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, step: int,
@@ -144,3 +145,11 @@ def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, generator:
     optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
     generator.set_state(tensors["generator_state"])
     return int(metadata["step"])
+
+
+def check_same_step(checkpoint_step: int, train_state_step: int, run_dir: Path) -> None:
+    """The two files are written one after the other; a run killed in between leaves them at different steps."""
+    if checkpoint_step != train_state_step:
+        raise UserError(f"cannot resume {run_dir}: the checkpoint is at step {checkpoint_step} but the optimizer "
+                        f"state at step {train_state_step} (the run was interrupted while saving). Resuming would "
+                        f"repeat steps on updated weights; start a new --out, or use the checkpoint as it is")

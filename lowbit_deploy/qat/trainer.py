@@ -20,9 +20,16 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..io import update_report
-from ..quant.apply import QuantizationPlan, quantize_model
+from ..quant.apply import quantize_model
 from ..recipes import Recipe, TimestepSampling, TrainSection
-from .checkpoint import CHECKPOINT_DIRNAME, load_checkpoint, load_train_state, save_checkpoint, save_train_state
+from .checkpoint import (
+    CHECKPOINT_DIRNAME,
+    check_same_step,
+    load_checkpoint,
+    load_train_state,
+    save_checkpoint,
+    save_train_state,
+)
 from .data import make_sampler
 
 
@@ -58,20 +65,39 @@ def sample_timesteps(config: TrainSection, batch: int, num_train_timesteps: int,
     return (fraction * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 
+def _resolved(model_path: str | None) -> str | None:
+    # Later stages load the teacher again, possibly from another working directory: keep an absolute path.
+    return str(Path(model_path).expanduser().resolve()) if model_path else None
+
+
+def _check_resume_matches(checkpoint, recipe: Recipe, model_path: str | None) -> None:
+    if checkpoint.recipe.quantize != recipe.quantize or checkpoint.recipe.train.model_copy(
+            update={"steps": recipe.train.steps}) != recipe.train:
+        raise UserError(f"cannot resume {checkpoint.path}: its recipe's quantize/train sections differ from "
+                        f"{recipe.name!r}; resume with the recipe it was started with, or train into a new --out")
+    if model_path is not None and model_path != checkpoint.model_source:
+        teacher = checkpoint.model_source or "the embedded default"
+        raise UserError(f"cannot resume {checkpoint.path}: it distils {teacher}, not {model_path}; drop --model or "
+                        f"pass the same folder")
+
+
 def _prepare(recipe: Recipe, model_path: str | None, run_dir: Path, resume: bool):
     from ..models import load_model
 
+    checkpoint = None
+    if resume:
+        checkpoint = load_checkpoint(run_dir)
+        _check_resume_matches(checkpoint, recipe, model_path)
+        model_path = checkpoint.model_source
     bundle = load_model(model_path, recipe.model.subfolder)
     teacher = bundle.unet.eval().requires_grad_(False)
-    if resume:
-        student = load_checkpoint(run_dir).unet
-        # The plan (which layer got which grid) follows from the recipe alone; rebuild it without calibration.
-        plan = quantize_model(copy.deepcopy(teacher), recipe.quantize, initialize=False)
+    if checkpoint is not None:
+        student, plan = checkpoint.unet, checkpoint.plan
     else:
         student = copy.deepcopy(teacher)
-        plan = quantize_model(student, recipe.quantize)
+        plan = quantize_model(student, recipe.quantize).to_dict()
     student.train().requires_grad_(True)
-    return bundle, teacher, student, plan
+    return bundle, teacher, student, plan, model_path, checkpoint.step if checkpoint else 0
 
 
 def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None, steps: int | None = None,
@@ -85,11 +111,11 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
     run_dir = Path(run_dir)
     if not resume and (run_dir / CHECKPOINT_DIRNAME).exists():
         raise UserError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose a new --out")
-    model_path = model_path or recipe.model.path
+    model_path = _resolved(model_path or recipe.model.path)
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    bundle, teacher, student, plan = _prepare(recipe, model_path, run_dir, resume)
+    bundle, teacher, student, plan, model_path, checkpoint_step = _prepare(recipe, model_path, run_dir, resume)
     start_step = 0
     sampler = make_sampler(config.data, bundle)
     seq_len = bundle.condition.seq_len
@@ -99,6 +125,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
     generator = torch.Generator().manual_seed(config.seed)
     if resume:
         start_step = load_train_state(run_dir, optimizer, generator)
+        check_same_step(checkpoint_step, start_step, run_dir)
     loss_fn = LOSSES[config.loss]
     losses: list[float] = []
     started = time.perf_counter()
@@ -129,16 +156,16 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
                                  seq_len)
     save_train_state(run_dir, optimizer, max(total_steps, start_step), generator)
     result = TrainResult(str(checkpoint), total_steps, time.perf_counter() - started,
-                         losses[0] if losses else None, losses[-1] if losses else None, plan.average_bits,
-                         len(plan.layers), losses)
+                         losses[0] if losses else None, losses[-1] if losses else None, plan["average_bits"],
+                         len(plan["layers"]), losses)
     update_report(run_dir, "train", {**result.summary(), "plan": _plan_summary(plan)})
     return result
 
 
-def _plan_summary(plan: QuantizationPlan) -> dict:
+def _plan_summary(plan: dict) -> dict:
     by_bits: dict[str, int] = {}
-    for layer in plan.layers:
-        key = f"{layer.grid_kind}-{layer.bits}bit"
+    for layer in plan["layers"]:
+        key = f"{layer['grid_kind']}-{layer['bits']}bit"
         by_bits[key] = by_bits.get(key, 0) + 1
-    return {"layers_by_grid": by_bits, "quantized_params": plan.quantized_params,
-            "float_params": plan.float_params, "average_bits": round(plan.average_bits, 4)}
+    return {"layers_by_grid": by_bits, "quantized_params": plan["quantized_params"],
+            "float_params": plan["float_params"], "average_bits": round(plan["average_bits"], 4)}

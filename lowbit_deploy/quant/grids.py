@@ -18,6 +18,13 @@ MIN_BITS = 1
 MAX_BITS = 8
 
 
+class ScaleInit(str, Enum):
+    """How scales are calibrated before QAT (implementations in scale_init.py; kept here so recipes need no torch)."""
+
+    MINMAX = "minmax"
+    ALTERNATING = "alternating"
+
+
 class GridKind(str, Enum):
     SIGNED = "signed"
     BALANCED = "balanced"

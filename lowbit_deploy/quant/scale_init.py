@@ -7,17 +7,12 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from typing import Callable
 
 import torch
 
 from .fake_quant import MIN_SCALE, WeightQuantizer
-
-
-class ScaleInit(str, Enum):
-    MINMAX = "minmax"
-    ALTERNATING = "alternating"
+from .grids import ScaleInit
 
 
 def minmax_scale(weight: torch.Tensor, quantizer: WeightQuantizer, iterations: int = 0) -> torch.Tensor:

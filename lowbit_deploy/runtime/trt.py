@@ -29,13 +29,34 @@ def gpu_available() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.device_count() > 0)
 
 
-def unavailable_reason() -> str | None:
-    """Why an engine cannot run here ("no GPU", "TensorRT is not installed"), or None when it can."""
+def device_compute_capability() -> str:
+    """``MAJOR.MINOR`` of the current CUDA device (call only where :func:`gpu_available`)."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}"
+
+
+def unavailable_reason(built_for: list[str] | None = None) -> str | None:
+    """Why an engine (built ahead of time for ``built_for`` compute capabilities, or ``["current"]``) cannot run
+    here -- no GPU, no TensorRT, no CUDA kernel library for the plugin, another GPU architecture -- or None."""
     if not gpu_available():
         return "no GPU"
     from ..build import backend_unavailable_reason
+    from ..build.kernels import ensure_kernel_library
 
-    return backend_unavailable_reason()
+    reason = backend_unavailable_reason()
+    if reason:
+        return reason
+    try:
+        ensure_kernel_library()
+    except UserError as error:
+        return f"the plugin's CUDA kernel library is unavailable ({error})"
+    device = device_compute_capability()
+    if built_for and "current" not in built_for and device not in built_for:
+        return (f"engine built for compute capabilities {', '.join(built_for)}, this GPU is {device}; rebuild with "
+                f"--compute-capability {device} if your TensorRT targets it")
+    return None
 
 
 def _torch_dtype(trt: Any, data_type: Any) -> Any:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -71,13 +72,13 @@ def output_parity(name: str, reference: Denoise, candidate: Denoise, inputs: lis
     return ArtifactParity(name, "failed" if failures else "passed", merged, failures)
 
 
-def engine_runner(engine_path: Path) -> tuple[Denoise | None, str]:
+def engine_runner(engine_path: Path, built_for: list[str] | None) -> tuple[Denoise | None, str]:
     """A TensorRT runner for the engine, or None and the reason it cannot run here."""
     if not engine_path.is_file():
         return None, "not run: no engine (run `lowbit-deploy build`)"
     from ..runtime import trt as trt_runtime
 
-    reason = trt_runtime.unavailable_reason()
+    reason = trt_runtime.unavailable_reason(built_for)
     if reason:
         return None, f"not run: {reason}"
     runner = trt_runtime.TrtRunner(engine_path)
@@ -136,6 +137,11 @@ def _finite_or_str(value: float) -> float | str:
     return value if math.isfinite(value) else str(value)
 
 
+def _read_report(run_dir: Path) -> dict:
+    path = run_dir / "report.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def validate_run(run_dir: str | Path, *, tolerances: Tolerances | None = None,
                  sampling: SamplingSection | None = None, skip_sampling: bool = False) -> ValidationReport:
     from ..models import load_model
@@ -154,7 +160,8 @@ def validate_run(run_dir: str | Path, *, tolerances: Tolerances | None = None,
     ort = OrtRunner(run_dir / "model.onnx")
     inputs = list(parity_batches(checkpoint.unet, bundle.condition, config.batches, config.batch_size, config.seed))
     parity = [output_parity("onnxruntime", quantized, ort, inputs, tolerances)]
-    engine, reason = engine_runner(run_dir / "model.engine")
+    build_entry = _read_report(run_dir).get("build", {})
+    engine, reason = engine_runner(run_dir / "model.engine", build_entry.get("compute_capabilities"))
     parity.append(output_parity("tensorrt", quantized, engine, inputs, tolerances) if engine
                   else ArtifactParity("tensorrt", reason))
     sampling_result = ({"status": "not run: --skip-sampling"} if skip_sampling

@@ -55,18 +55,19 @@ def merge(stats: list[OutputStats]) -> OutputStats:
 
 
 def check(stats: OutputStats, tolerances) -> list[str]:
-    """Failures against ``tolerances`` (a recipes.Tolerances); each names the tolerance that would have passed."""
+    """Failures against ``tolerances`` (a recipes.Tolerances); each names the tolerance that would have passed,
+    printed at full precision (a rounded value could still fail)."""
     failures = []
     if stats.max_abs > tolerances.max_abs:
         failures.append(f"max_abs {stats.max_abs:.3g} > {tolerances.max_abs:.3g} (passes with --max-abs "
-                        f"{stats.max_abs:.3g})")
+                        f"{stats.max_abs!r})")
     if tolerances.max_rel is not None and stats.max_rel > tolerances.max_rel:
         failures.append(f"max_rel {stats.max_rel:.3g} > {tolerances.max_rel:.3g} (passes with --max-rel "
-                        f"{stats.max_rel:.3g})")
+                        f"{stats.max_rel!r})")
     if stats.cosine < tolerances.min_cosine:
         failures.append(f"cosine {stats.cosine:.7f} < {tolerances.min_cosine} (passes with --min-cosine "
-                        f"{stats.cosine:.7f})")
+                        f"{stats.cosine!r})")
     if stats.sqnr_db < tolerances.min_sqnr_db:
         failures.append(f"SQNR {stats.sqnr_db:.1f} dB < {tolerances.min_sqnr_db} dB (passes with --min-sqnr-db "
-                        f"{stats.sqnr_db:.1f})")
+                        f"{stats.sqnr_db!r})")
     return failures

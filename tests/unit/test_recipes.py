@@ -65,3 +65,9 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(UserError, match="mapping"):
         load_recipe(bad)
+
+
+def test_signed_one_bit_grid_is_refused(tiny_recipe_dict):
+    tiny_recipe_dict["quantize"]["layers"][-1].update(bits=1, grid="signed")
+    with pytest.raises(UserError, match="grid: balanced"):
+        parse_recipe(tiny_recipe_dict)

@@ -1,6 +1,7 @@
 """The CLI end to end on a tiny local checkpoint (CliRunner): closing lines, exit codes, clean user errors."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -45,8 +46,19 @@ def test_validate_fails_with_exit_1_and_names_the_passing_tolerance(chain):
     result = CliRunner().invoke(main, ["validate", str(root / "run"), "--max-abs", "0", "--min-sqnr-db", "1000",
                                        "--skip-sampling"])
     assert result.exit_code == 1, result.output
-    assert "passes with --max-abs" in result.output
     assert result.output.strip().splitlines()[-1].startswith("FAILED | Runtime: ")
+    # The printed tolerances are the ones that pass: re-running with them must succeed.
+    suggested = re.findall(r"passes with (--[a-z-]+) (\S+)\)", result.output)
+    assert {flag for flag, _ in suggested} == {"--max-abs", "--min-sqnr-db"}
+    rerun = CliRunner().invoke(main, ["validate", str(root / "run"), "--skip-sampling",
+                                      *[part for pair in suggested for part in pair]])
+    assert rerun.exit_code == 0, rerun.output
+
+
+def test_invalid_option_values_are_clean_errors(chain):
+    root, _ = chain
+    result = CliRunner().invoke(main, ["validate", str(root / "run"), "--sampling-steps", "0"])
+    assert result.exit_code == 2 and "num_steps" in result.output and "Traceback" not in result.output
 
 
 def test_export_is_repeatable_on_the_same_run(chain):

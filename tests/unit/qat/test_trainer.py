@@ -17,7 +17,7 @@ def test_training_writes_a_loadable_checkpoint(tmp_path, tiny_model_dir, tiny_re
     result = _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "run")
     assert result.steps == 2 and result.first_loss is not None
     checkpoint = load_checkpoint(tmp_path / "run")
-    assert checkpoint.step == 2 and checkpoint.model_source == str(tiny_model_dir)
+    assert checkpoint.step == 2 and checkpoint.model_source == str(tiny_model_dir.resolve())
     assert quantized_layers(checkpoint.unet)
     assert sorted(p.name for p in (tmp_path / "run" / CHECKPOINT_DIRNAME).iterdir()) == [
         "quantized_unet.safetensors", "train_state.safetensors"]
@@ -90,3 +90,28 @@ def test_recipe_matching_no_layer_writes_nothing(tmp_path, tiny_model_dir, tiny_
     with pytest.raises(UserError, match="matched no quantizable layer"):
         _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_a_checkpoint_and_optimizer_state_from_different_steps(tmp_path, tiny_model_dir,
+                                                                               tiny_recipe_dict):
+    from lowbit_deploy.qat.checkpoint import TRAIN_STATE_FILE
+
+    tiny_recipe_dict["train"].update(steps=3, checkpoint_every=1)
+    _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "a", steps=1)
+    _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "b", steps=2)
+    # Simulate a run killed between the two writes: weights at step 2, optimizer state still at step 1.
+    (tmp_path / "b" / CHECKPOINT_DIRNAME / TRAIN_STATE_FILE).write_bytes(
+        (tmp_path / "a" / CHECKPOINT_DIRNAME / TRAIN_STATE_FILE).read_bytes())
+    with pytest.raises(UserError, match="checkpoint is at step 2 but the optimizer state at step 1"):
+        _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "b", resume=True)
+
+
+def test_resume_uses_the_recorded_teacher_and_refuses_another_recipe(tmp_path, tiny_model_dir, tiny_recipe_dict):
+    tiny_recipe_dict["train"]["steps"] = 3
+    _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "run", steps=1)
+    # No --model on resume: the teacher recorded in the checkpoint (an absolute path) is used, not the default.
+    train(parse_recipe(tiny_recipe_dict), tmp_path / "run", resume=True, progress=False)
+    assert load_checkpoint(tmp_path / "run").model_source == str(tiny_model_dir.resolve())
+    tiny_recipe_dict["quantize"]["layers"][-1]["bits"] = 3
+    with pytest.raises(UserError, match="differ"):
+        _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "run", resume=True)
