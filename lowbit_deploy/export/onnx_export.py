@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..io import atomic_path, update_report
 from ..models import sample_shape
 from ..quant.apply import quantized_layers
+from ..quant.fake_quant import deployed_float_layer
 from ..quant.packing import PackingFormat, best_format
 from .lowbit_ops import PackedWeight, attach_function, make_initializers, make_node
 
@@ -90,14 +91,8 @@ def deployed_float_unet(unet: nn.Module) -> nn.Module:
     """A plain float UNet whose quantized layers hold their deployed (dequantized) weights."""
     deployed = copy.deepcopy(unet)
     for name, layer in quantized_layers(deployed).items():
-        plain = (nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear).__new__(
-            nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear)
-        plain.__dict__.update({k: v for k, v in layer.__dict__.items()})
-        plain._modules = {k: v for k, v in layer._modules.items() if k != "weight_quantizer"}
-        plain._parameters = dict(layer._parameters)
-        plain.weight = nn.Parameter(layer.weight_quantizer.dequantized_weight(layer.weight), requires_grad=False)
         parent_name, _, child = name.rpartition(".")
-        setattr(deployed.get_submodule(parent_name) if parent_name else deployed, child, plain)
+        setattr(deployed.get_submodule(parent_name) if parent_name else deployed, child, deployed_float_layer(layer))
     return deployed.eval()
 
 

@@ -95,15 +95,30 @@ class QuantLinear(nn.Linear, QuantizedLayer):
         return F.linear(x, self.quantized_weight(), self.bias)
 
 
+def _reclassed(cls: type[nn.Module], layer: nn.Module) -> nn.Module:
+    """A new module of ``cls`` sharing ``layer``'s attributes, parameters, buffers and submodules."""
+    module = cls.__new__(cls)
+    module.__dict__.update(layer.__dict__)
+    module._parameters = dict(layer._parameters)
+    module._buffers = dict(layer._buffers)
+    module._modules = dict(layer._modules)
+    return module
+
+
 def _from_float(quant_cls: type[nn.Module], layer: nn.Module, grid: IntegerGrid) -> QuantizedLayer:
-    """Re-class a float layer in place-free fashion: same parameters (shared), plus a quantizer."""
-    quantized = quant_cls.__new__(quant_cls)
-    quantized.__dict__.update(layer.__dict__)
-    quantized._parameters = dict(layer._parameters)
-    quantized._buffers = dict(layer._buffers)
-    quantized._modules = dict(layer._modules)
+    """The quantized twin of a float layer: same parameters (shared), plus a quantizer."""
+    quantized = _reclassed(quant_cls, layer)
     quantized.weight_quantizer = WeightQuantizer(layer.weight.shape, grid).to(layer.weight.device)
     return quantized
+
+
+def deployed_float_layer(layer: QuantizedLayer) -> nn.Module:
+    """The plain float layer (the quantized class's float base) holding the deployed, dequantized weight."""
+    float_type = next(base for base in type(layer).__mro__[1:] if base in QUANTIZABLE_LAYERS)
+    plain = _reclassed(float_type, layer)
+    del plain._modules["weight_quantizer"]
+    plain.weight = nn.Parameter(layer.weight_quantizer.dequantized_weight(layer.weight), requires_grad=False)
+    return plain
 
 
 # Registry: float layer type -> constructor of its quantized replacement. Add a layer type here (and an export

@@ -95,3 +95,15 @@ def test_quantized_layers_share_parameters_and_match_functional_forward(layer):
     reference = (nn.functional.conv2d(x, deployed, layer.bias, padding=1) if isinstance(layer, nn.Conv2d)
                  else nn.functional.linear(x, deployed, layer.bias))
     assert torch.equal(quantized(x), reference)
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(3, 4, 3), nn.Linear(5, 6)], ids=["conv", "linear"])
+def test_deployed_float_layer_is_the_plain_type_with_dequantized_weight(layer):
+    from lowbit_deploy.quant.fake_quant import deployed_float_layer
+
+    quantized = QUANTIZABLE_LAYERS[type(layer)](layer, IntegerGrid(GridKind.BALANCED, 2))
+    initialize_scale(quantized.weight, quantized.weight_quantizer, ScaleInit.ALTERNATING)
+    plain = deployed_float_layer(quantized)
+    assert type(plain) is type(layer) and "weight_quantizer" not in dict(plain.named_children())
+    assert torch.equal(plain.weight, quantized.weight_quantizer.dequantized_weight(quantized.weight))
+    assert quantized.weight is layer.weight  # the quantized layer keeps its latent weight
