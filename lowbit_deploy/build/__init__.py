@@ -1,4 +1,4 @@
-"""Build stage: CUDA kernel library, the TensorRT ``lowbit::UnpackDequantize`` plugin, and engine builds.
+"""Build stage: CUDA kernel library, the TensorRT ``lowbit::UnpackDequantize`` plugins (v1, v2), and engine builds.
 
 Importing this package is cheap: TensorRT, Polygraphy and the CUDA library load only when a function needs them.
 Public names are resolved lazily from the submodules listed below.
@@ -17,9 +17,13 @@ _EXPORTS = {
     "load_kernel_library": "kernels",
     "unpack_dequantize_host": "kernels",
     "unpack_dequantize_cuda": "kernels",
+    "unpack_dequantize_bitstream_host": "kernels",
+    "unpack_dequantize_bitstream_cuda": "kernels",
     "register_plugins": "plugin",
     "parse_fields": "plugin",
+    "parse_fields_v2": "plugin",
     "UnpackDequantizeFields": "plugin",
+    "UnpackDequantizeBitstreamFields": "plugin",
     "import_tensorrt": "tensorrt_import",
     "tensorrt_backend": "tensorrt_import",
 }

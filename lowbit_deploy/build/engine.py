@@ -75,8 +75,9 @@ def _is_lowbit_plugin_layer(trt: Any, layer: Any) -> bool:
 
 
 def count_plugin_layers(network: Any, trt: Any | None = None) -> int:
-    """Number of ``lowbit::UnpackDequantize`` plugin layers in a parsed ``INetworkDefinition``, or in an ONNX file
-    (given as a path, parsed with the plugin registered)."""
+    """Number of ``lowbit::UnpackDequantize`` plugin layers of any op version (v1 word formats, v2 bit stream:
+    same name and namespace) in a parsed ``INetworkDefinition``, or in an ONNX file (given as a path, parsed with
+    the plugins registered)."""
     if isinstance(network, (str, os.PathLike)):
         backend = tensorrt_backend()
         _, parsed, _ = _parse_onnx(Path(network), backend)

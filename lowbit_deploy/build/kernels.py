@@ -1,7 +1,8 @@
 """ctypes binding of ``plugins/build/liblowbit_kernels.so`` (built from plugins/ with nvcc).
 
-The library carries the CUDA kernels and their host reference behind a C ABI, with cudart linked statically, so it
-loads on machines without a GPU (the host path then runs; the device launcher reports a CUDA error).
+The library carries the CUDA kernels of op versions 1 (word formats) and 2 (bit stream) and their host reference
+behind a C ABI, with cudart linked statically, so it loads on machines without a GPU (the host path then runs; the
+device launcher reports a CUDA error).
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class LowbitFormatConstants(ctypes.Structure):
         ("op_name", ctypes.c_char_p),
         ("plugin_namespace", ctypes.c_char_p),
         ("op_version", ctypes.c_char_p),
+        ("bitstream_format_id", ctypes.c_int32),
+        ("bitstream_word_bits", ctypes.c_int32),
+        ("max_group_bits", ctypes.c_int32),
+        ("bitstream_op_version", ctypes.c_char_p),
     ]
 
 
@@ -101,6 +106,15 @@ class KernelLibrary:
         self._lib.lowbit_unpack_dequantize_launch.restype = ctypes.c_int
         self._lib.lowbit_unpack_dequantize_host.argtypes = args
         self._lib.lowbit_unpack_dequantize_host.restype = ctypes.c_int
+        stream_args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                       ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self._lib.lowbit_unpack_dequantize_bitstream_launch.argtypes = stream_args + [ctypes.c_void_p]
+        self._lib.lowbit_unpack_dequantize_bitstream_launch.restype = ctypes.c_int
+        self._lib.lowbit_unpack_dequantize_bitstream_host.argtypes = stream_args
+        self._lib.lowbit_unpack_dequantize_bitstream_host.restype = ctypes.c_int
+        self._lib.lowbit_bitstream_group.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int),
+                                                     ctypes.POINTER(ctypes.c_int)]
+        self._lib.lowbit_bitstream_group.restype = ctypes.c_int
         self._lib.lowbit_format_constants.argtypes = [ctypes.POINTER(LowbitFormatConstants)]
         self._lib.lowbit_format_constants.restype = ctypes.c_int
         self._lib.lowbit_error_string.argtypes = [ctypes.c_int]
@@ -131,6 +145,29 @@ class KernelLibrary:
         code = self._lib.lowbit_unpack_dequantize_launch(packed_ptr, word_bits, scale_ptr, out_ptr, numel, channels,
                                                          levels, qmin, codes_per_word, stream)
         self._check(code, "lowbit_unpack_dequantize_launch")
+
+    def bitstream_group(self, levels: int) -> tuple[int, int]:
+        """``(g, B)`` from the C++ twin of ``packing.bitstream_group``."""
+        size, bits = ctypes.c_int(), ctypes.c_int()
+        self._check(self._lib.lowbit_bitstream_group(levels, ctypes.byref(size), ctypes.byref(bits)),
+                    "lowbit_bitstream_group")
+        return size.value, bits.value
+
+    def unpack_dequantize_bitstream_host(self, packed_ptr: int, num_bytes: int, scale_ptr: int, out_ptr: int,
+                                         numel: int, channels: int, levels: int, qmin: int, group_size: int,
+                                         group_bits: int) -> None:
+        code = self._lib.lowbit_unpack_dequantize_bitstream_host(packed_ptr, num_bytes, scale_ptr, out_ptr, numel,
+                                                                 channels, levels, qmin, group_size, group_bits)
+        self._check(code, "lowbit_unpack_dequantize_bitstream_host")
+
+    def unpack_dequantize_bitstream_launch(self, packed_ptr: int, num_bytes: int, scale_ptr: int, out_ptr: int,
+                                           numel: int, channels: int, levels: int, qmin: int, group_size: int,
+                                           group_bits: int, stream: int) -> None:
+        """v2 on device pointers and a cudaStream_t handle (ints); asynchronous on ``stream``."""
+        code = self._lib.lowbit_unpack_dequantize_bitstream_launch(packed_ptr, num_bytes, scale_ptr, out_ptr, numel,
+                                                                   channels, levels, qmin, group_size, group_bits,
+                                                                   stream)
+        self._check(code, "lowbit_unpack_dequantize_bitstream_launch")
 
 
 @lru_cache(maxsize=None)
@@ -191,4 +228,61 @@ def unpack_dequantize_cuda(packed: Any, scale_fp16: Any, levels: int, qmin: int,
     load_kernel_library().unpack_dequantize_launch(packed.data_ptr(), word_bits, scale_fp16.data_ptr(),
                                                    out.data_ptr(), numel, int(shape[0]), levels, qmin,
                                                    codes_per_word, stream)
+    return out
+
+
+def _check_bitstream_arguments(packed_dtype: np.dtype, scale_dtype: np.dtype, levels: int, group_size: int,
+                               group_bits: int, shape: Sequence[int], num_bytes: int, num_scales: int) -> int:
+    if packed_dtype != np.int8:
+        raise ValueError(f"the packed bit stream must be int8, got {packed_dtype}")
+    if scale_dtype != np.float16:
+        raise ValueError(f"scales must be float16, got {scale_dtype}")
+    expected = packing.bitstream_group(levels)
+    if (group_size, group_bits) != expected:
+        raise ValueError(f"group_size={group_size}, group_bits={group_bits} but {levels} levels use the bit-stream "
+                         f"group (g, B) = {expected}")
+    if not shape or any(int(d) < 1 for d in shape):
+        raise ValueError(f"shape must be non-empty with positive dimensions, got {tuple(shape)}")
+    numel = int(np.prod(shape, dtype=np.int64))
+    layout = packing.PackedLayout(levels, packing.PackingFormat.BITSTREAM, numel)
+    if num_bytes != layout.num_words:
+        raise ValueError(f"a {numel}-code bit stream of {levels} levels is {layout.num_words} bytes, got {num_bytes}")
+    if num_scales != int(shape[0]):
+        raise ValueError(f"expected {shape[0]} scales (one per output channel), got {num_scales}")
+    return numel
+
+
+def unpack_dequantize_bitstream_host(packed: np.ndarray, scale_fp16: np.ndarray, levels: int, qmin: int,
+                                     group_size: int, group_bits: int, shape: Sequence[int]) -> np.ndarray:
+    """Op v2: dense float32 weight of ``shape`` decoded from the bit stream by the C++ host path (same decode
+    function as the CUDA kernel)."""
+    packed = np.ascontiguousarray(packed).reshape(-1)
+    scale_fp16 = np.ascontiguousarray(scale_fp16).reshape(-1)
+    numel = _check_bitstream_arguments(packed.dtype, scale_fp16.dtype, levels, group_size, group_bits, shape,
+                                       packed.size, scale_fp16.size)
+    out = np.empty(tuple(int(d) for d in shape), dtype=np.float32)
+    load_kernel_library().unpack_dequantize_bitstream_host(packed.ctypes.data, packed.size, scale_fp16.ctypes.data,
+                                                           out.ctypes.data, numel, int(shape[0]), levels, qmin,
+                                                           group_size, group_bits)
+    return out
+
+
+def unpack_dequantize_bitstream_cuda(packed: Any, scale_fp16: Any, levels: int, qmin: int, group_size: int,
+                                     group_bits: int, shape: Sequence[int]) -> Any:
+    """Op v2 on torch CUDA tensors, launched on torch's current stream; returns a float32 CUDA tensor."""
+    import torch  # lazy: torch is only needed for this convenience wrapper
+
+    packed = packed.contiguous().reshape(-1)
+    scale_fp16 = scale_fp16.contiguous().reshape(-1)
+    numel = _check_bitstream_arguments(np.dtype(str(packed.dtype).removeprefix("torch.")),
+                                       np.dtype(str(scale_fp16.dtype).removeprefix("torch.")), levels, group_size,
+                                       group_bits, shape, packed.numel(), scale_fp16.numel())
+    if not (packed.is_cuda and scale_fp16.is_cuda):
+        raise ValueError("packed and scale_fp16 must be CUDA tensors")
+    out = torch.empty(tuple(int(d) for d in shape), dtype=torch.float32, device=packed.device)
+    stream = torch.cuda.current_stream(packed.device).cuda_stream
+    load_kernel_library().unpack_dequantize_bitstream_launch(packed.data_ptr(), packed.numel(),
+                                                             scale_fp16.data_ptr(), out.data_ptr(), numel,
+                                                             int(shape[0]), levels, qmin, group_size, group_bits,
+                                                             stream)
     return out

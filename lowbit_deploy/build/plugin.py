@@ -1,12 +1,15 @@
-"""TensorRT plugin for ``lowbit::UnpackDequantize`` v1 (docs/ops/UnpackDequantize_v1.md), written in Python.
+"""TensorRT plugin for ``lowbit::UnpackDequantize`` v1 (docs/ops/UnpackDequantize_v1.md, word formats) and v2
+(docs/ops/UnpackDequantize_v2.md, bit stream), written in Python.
 
 TensorRT-RTX accepts only ``IPluginCreatorV3One`` creators (no quick plugins, shared/docs/TENSORRT.md), so this is a
 classic IPluginV3 (OneCore + OneBuild + OneRuntime). The glue is thin: fields are parsed and validated by name in
-:func:`parse_fields` (pure Python, testable without TensorRT), and ``enqueue`` calls the CUDA launcher of
-``liblowbit_kernels.so`` through ctypes with TensorRT's device pointers and stream.
+:func:`parse_fields` / :func:`parse_fields_v2` (pure Python, testable without TensorRT), and ``enqueue`` calls the
+version's CUDA launcher of ``liblowbit_kernels.so`` through ctypes with TensorRT's device pointers and stream.
+Everything that differs between versions lives in the validated fields class (packed input type, launcher), and
+:data:`PLUGIN_VERSIONS` maps a version to its fields parser; one creator per version is registered.
 
 The plugin classes subclass the binding classes of one TensorRT module, and ``tensorrt`` and ``tensorrt_rtx`` are
-different modules, so the classes are made per module by :func:`plugin_classes`.
+different modules, so the classes are made per module (and version) by :func:`plugin_classes`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -24,22 +27,25 @@ from ..quant import packing
 OP_NAME = "UnpackDequantize"
 PLUGIN_NAMESPACE = "lowbit"
 PLUGIN_VERSION = "1"
+PLUGIN_VERSION_V2 = "2"
 FIELD_NAMES = ("levels", "qmin", "word_bits", "codes_per_word", "shape")
-_SCALAR_FIELDS = ("levels", "qmin", "word_bits", "codes_per_word")
+FIELD_NAMES_V2 = ("levels", "qmin", "group_size", "group_bits", "shape")
 _WORD_BITS = (8, 32)
-# Creators registered per TensorRT module: the registry holds a raw pointer, so Python must keep them alive.
-_registered: dict[str, Any] = {}
+# Creators registered per (TensorRT module, version): the registry holds a raw pointer, so Python keeps them alive.
+_registered: dict[tuple[str, str], Any] = {}
 
 
 @dataclass(frozen=True)
 class UnpackDequantizeFields:
-    """Validated plugin state: exactly the fields the engine serializes."""
+    """Validated v1 plugin state: exactly the fields the engine serializes."""
 
     levels: int
     qmin: int
     word_bits: int
     codes_per_word: int
     shape: tuple[int, ...]
+
+    field_names = FIELD_NAMES
 
     @property
     def numel(self) -> int:
@@ -49,25 +55,79 @@ class UnpackDequantizeFields:
     def num_words(self) -> int:
         return -(-self.numel // self.codes_per_word)
 
+    @property
+    def packed_type(self) -> str:
+        """Name of the TensorRT DataType of the packed input."""
+        return "INT8" if self.word_bits == 8 else "INT32"
 
-def parse_fields(fields: Mapping[str, Any]) -> UnpackDequantizeFields:
-    """Validate raw field values (numpy arrays or Python numbers) by name; raises UserError saying what is wrong."""
-    missing = [name for name in FIELD_NAMES if name not in fields]
+    def launch(self, library: Any, packed: int, scale: int, out: int, stream: int) -> None:
+        library.unpack_dequantize_launch(packed, self.word_bits, scale, out, self.numel, self.shape[0], self.levels,
+                                         self.qmin, self.codes_per_word, stream)
+
+
+@dataclass(frozen=True)
+class UnpackDequantizeBitstreamFields:
+    """Validated v2 plugin state (bit stream): exactly the fields the engine serializes."""
+
+    levels: int
+    qmin: int
+    group_size: int
+    group_bits: int
+    shape: tuple[int, ...]
+
+    field_names = FIELD_NAMES_V2
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def num_bytes(self) -> int:
+        """Length of the INT8 stream: ceil(ceil(numel / g) * B / 8)."""
+        return packing.PackedLayout(self.levels, packing.PackingFormat.BITSTREAM, self.numel).num_words
+
+    @property
+    def packed_type(self) -> str:
+        return "INT8"
+
+    def launch(self, library: Any, packed: int, scale: int, out: int, stream: int) -> None:
+        library.unpack_dequantize_bitstream_launch(packed, self.num_bytes, scale, out, self.numel, self.shape[0],
+                                                   self.levels, self.qmin, self.group_size, self.group_bits, stream)
+
+
+def _parse_common(fields: Mapping[str, Any], names: tuple[str, ...]) -> tuple[dict[str, int], tuple[int, ...]]:
+    """Checks shared by every version: presence, no unknown names, one integer per scalar, levels range, shape."""
+    missing = [name for name in names if name not in fields]
     if missing:
-        raise UserError(f"{OP_NAME}: missing required field(s) {missing}; expected {list(FIELD_NAMES)}")
-    unknown = sorted(set(fields) - set(FIELD_NAMES) - {"plugin_namespace", "plugin_version"})
+        raise UserError(f"{OP_NAME}: missing required field(s) {missing}; expected {list(names)}")
+    unknown = sorted(set(fields) - set(names) - {"plugin_namespace", "plugin_version"})
     if unknown:
-        raise UserError(f"{OP_NAME}: unknown field(s) {unknown}; expected {list(FIELD_NAMES)}")
+        raise UserError(f"{OP_NAME}: unknown field(s) {unknown}; expected {list(names)}")
     scalars = {}
-    for name in _SCALAR_FIELDS:
+    for name in names:
+        if name == "shape":
+            continue
         values = np.asarray(fields[name]).reshape(-1)
         if values.size != 1 or not np.issubdtype(values.dtype, np.integer):
             raise UserError(f"{OP_NAME}: field {name!r} must be one integer, got {values!r}")
         scalars[name] = int(values[0])
     shape = tuple(int(d) for d in np.asarray(fields["shape"]).reshape(-1))
-    levels, word_bits = scalars["levels"], scalars["word_bits"]
+    levels = scalars["levels"]
     if not packing.MIN_LEVELS <= levels <= packing.MAX_LEVELS:
         raise UserError(f"{OP_NAME}: levels={levels} is out of range [{packing.MIN_LEVELS}, {packing.MAX_LEVELS}]")
+    return scalars, shape
+
+
+def _check_shape(shape: tuple[int, ...]) -> None:
+    if not shape or any(d < 1 for d in shape):
+        raise UserError(f"{OP_NAME}: shape must be non-empty with positive dimensions, got {shape}")
+
+
+def parse_fields(fields: Mapping[str, Any]) -> UnpackDequantizeFields:
+    """Validate raw v1 field values (numpy arrays or Python numbers) by name; raises UserError saying what is
+    wrong."""
+    scalars, shape = _parse_common(fields, FIELD_NAMES)
+    levels, word_bits = scalars["levels"], scalars["word_bits"]
     if word_bits not in _WORD_BITS:
         raise UserError(f"{OP_NAME}: word_bits={word_bits} is not supported; use 8 (INT8 words) or 32 (INT32 words)")
     expected = packing.codes_per_word(levels, word_bits)
@@ -76,18 +136,43 @@ def parse_fields(fields: Mapping[str, Any]) -> UnpackDequantizeFields:
     if scalars["codes_per_word"] != expected:
         raise UserError(f"{OP_NAME}: codes_per_word={scalars['codes_per_word']} but {levels} levels in "
                         f"{word_bits}-bit words pack {expected} codes per word")
-    if not shape or any(d < 1 for d in shape):
-        raise UserError(f"{OP_NAME}: shape must be non-empty with positive dimensions, got {shape}")
+    _check_shape(shape)
     return UnpackDequantizeFields(shape=shape, **scalars)
+
+
+def parse_fields_v2(fields: Mapping[str, Any]) -> UnpackDequantizeBitstreamFields:
+    """Validate raw v2 (bit stream) field values by name; ``group_size``/``group_bits`` must be the group that
+    ``packing.bitstream_group(levels)`` chooses."""
+    scalars, shape = _parse_common(fields, FIELD_NAMES_V2)
+    levels = scalars["levels"]
+    expected = packing.bitstream_group(levels)
+    if (scalars["group_size"], scalars["group_bits"]) != expected:
+        raise UserError(f"{OP_NAME} v2: group_size={scalars['group_size']}, group_bits={scalars['group_bits']} but "
+                        f"{levels} levels use the bit-stream group (group_size, group_bits) = {expected}")
+    _check_shape(shape)
+    return UnpackDequantizeBitstreamFields(shape=shape, **scalars)
+
+
+class PluginVersion(NamedTuple):
+    field_names: tuple[str, ...]
+    parse: Callable[[Mapping[str, Any]], Any]
+
+
+# Plugin version -> its fields and parser; the parsed fields carry everything else that is version-specific.
+PLUGIN_VERSIONS: dict[str, PluginVersion] = {
+    PLUGIN_VERSION: PluginVersion(FIELD_NAMES, parse_fields),
+    PLUGIN_VERSION_V2: PluginVersion(FIELD_NAMES_V2, parse_fields_v2),
+}
 
 
 def _fields_by_name(field_collection: Iterable[Any]) -> dict[str, np.ndarray]:
     return {field.name: np.array(field.data, copy=True) for field in field_collection}
 
 
-def _serialization_arrays(fields: UnpackDequantizeFields) -> dict[str, np.ndarray]:
+def _serialization_arrays(fields: Any) -> dict[str, np.ndarray]:
     # Shapes are serialized as INT64: the op allows any extent, and the parser may hand either width back.
-    arrays = {name: np.array([getattr(fields, name)], dtype=np.int32) for name in _SCALAR_FIELDS}
+    arrays = {name: np.array([getattr(fields, name)], dtype=np.int32) for name in fields.field_names
+              if name != "shape"}
     arrays["shape"] = np.array(fields.shape, dtype=np.int64)
     return arrays
 
@@ -100,12 +185,13 @@ def _field_collection(trt: ModuleType, arrays: Mapping[str, np.ndarray]) -> Any:
 
 
 @lru_cache(maxsize=None)
-def plugin_classes(trt: ModuleType) -> tuple[type, type]:
-    """(plugin class, creator class) bound to the TensorRT module ``trt``."""
+def plugin_classes(trt: ModuleType, version: str = PLUGIN_VERSION) -> tuple[type, type]:
+    """(plugin class, creator class) of plugin ``version`` bound to the TensorRT module ``trt``."""
+    field_names, parse = PLUGIN_VERSIONS[version]
 
     class UnpackDequantizePlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild,
                                  trt.IPluginV3OneRuntime):
-        def __init__(self, fields: UnpackDequantizeFields) -> None:
+        def __init__(self, fields: Any) -> None:
             trt.IPluginV3.__init__(self)
             trt.IPluginV3OneCore.__init__(self)
             trt.IPluginV3OneBuild.__init__(self)
@@ -113,7 +199,7 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             self.fields = fields
             self.plugin_name = OP_NAME
             self.plugin_namespace = PLUGIN_NAMESPACE
-            self.plugin_version = PLUGIN_VERSION
+            self.plugin_version = version
             self.num_outputs = 1
             # Every instance with the same I/O shapes times the same: one cache entry for all of them.
             self.timing_cache_id = ""
@@ -137,8 +223,7 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             desc = in_out[pos].desc
             if desc.format != trt.TensorFormat.LINEAR:
                 return False
-            word_type = trt.DataType.INT8 if self.fields.word_bits == 8 else trt.DataType.INT32
-            wanted = (word_type, trt.DataType.HALF, trt.DataType.FLOAT)
+            wanted = (getattr(trt.DataType, self.fields.packed_type), trt.DataType.HALF, trt.DataType.FLOAT)
             return pos < len(wanted) and desc.type == wanted[pos]
 
         def configure_plugin(self, inputs: Any, outputs: Any) -> None:
@@ -168,41 +253,40 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
                     stream: int) -> None:
             from .kernels import load_kernel_library  # lazy: only an engine run needs the CUDA library
 
-            fields = self.fields
-            load_kernel_library().unpack_dequantize_launch(
-                int(inputs[0]), fields.word_bits, int(inputs[1]), int(outputs[0]), fields.numel, fields.shape[0],
-                fields.levels, fields.qmin, fields.codes_per_word, int(stream))
+            self.fields.launch(load_kernel_library(), int(inputs[0]), int(inputs[1]), int(outputs[0]), int(stream))
 
     class UnpackDequantizeCreator(trt.IPluginCreatorV3One):
         def __init__(self) -> None:
             trt.IPluginCreatorV3One.__init__(self)
             self.name = OP_NAME
             self.plugin_namespace = PLUGIN_NAMESPACE
-            self.plugin_version = PLUGIN_VERSION
+            self.plugin_version = version
             # Empty arrays kept on self: PluginField stores a pointer to them, not a reference.
-            self._field_arrays = {name: np.array([], dtype=np.int32) for name in FIELD_NAMES}
+            self._field_arrays = {name: np.array([], dtype=np.int32) for name in field_names}
             self.field_names = _field_collection(trt, self._field_arrays)
 
         def create_plugin(self, name: str, field_collection: Any, phase: Any) -> UnpackDequantizePlugin:
-            return UnpackDequantizePlugin(parse_fields(_fields_by_name(field_collection)))
+            return UnpackDequantizePlugin(parse(_fields_by_name(field_collection)))
 
     return UnpackDequantizePlugin, UnpackDequantizeCreator
 
 
-def register_plugins(trt: ModuleType | None = None) -> Any:
-    """Register the creator with ``trt``'s plugin registry (once per module) and return it; the module keeps a
-    reference so the registry's pointer stays valid."""
+def register_plugins(trt: ModuleType | None = None) -> dict[str, Any]:
+    """Register one creator per plugin version with ``trt``'s plugin registry (once per module) and return them by
+    version; the module keeps references so the registry's pointers stay valid."""
     if trt is None:
         from .tensorrt_import import import_tensorrt
 
         trt = import_tensorrt()
-    key = trt.__name__
-    if key not in _registered:
-        _, creator_class = plugin_classes(trt)
-        creator = creator_class()
-        registry = trt.get_plugin_registry()
-        existing = registry.get_creator(OP_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE)
+    registry = trt.get_plugin_registry()
+    for version in PLUGIN_VERSIONS:
+        key = (trt.__name__, version)
+        if key in _registered:
+            continue
+        _, creator_class = plugin_classes(trt, version)
+        existing = registry.get_creator(OP_NAME, version, PLUGIN_NAMESPACE)
+        creator = creator_class() if existing is None else existing
         if existing is None and not registry.register_creator(creator, PLUGIN_NAMESPACE):
-            raise RuntimeError(f"registering the {PLUGIN_NAMESPACE}::{OP_NAME} v{PLUGIN_VERSION} creator failed")
-        _registered[key] = creator if existing is None else existing
-    return _registered[key]
+            raise RuntimeError(f"registering the {PLUGIN_NAMESPACE}::{OP_NAME} v{version} creator failed")
+        _registered[key] = creator
+    return {version: _registered[(trt.__name__, version)] for version in PLUGIN_VERSIONS}

@@ -90,7 +90,9 @@ int lowbit_format_constants(LowbitFormatConstants* out)
     }
     *out = LowbitFormatConstants{lowbit::kINT8_WORDS_FORMAT_ID, lowbit::kINT8_WORDS_WORD_BITS,
         lowbit::kINT32_WORDS_FORMAT_ID, lowbit::kINT32_WORDS_WORD_BITS, lowbit::kMIN_LEVELS, lowbit::kMAX_LEVELS,
-        lowbit::kUNPACK_DEQUANTIZE_NAME, lowbit::kPLUGIN_NAMESPACE, lowbit::kUNPACK_DEQUANTIZE_VERSION};
+        lowbit::kUNPACK_DEQUANTIZE_NAME, lowbit::kPLUGIN_NAMESPACE, lowbit::kUNPACK_DEQUANTIZE_VERSION,
+        lowbit::kBITSTREAM_FORMAT_ID, lowbit::kBITSTREAM_WORD_BITS, lowbit::kMAX_GROUP_BITS,
+        lowbit::kUNPACK_DEQUANTIZE_BITSTREAM_VERSION};
     return 0;
 }
 
@@ -149,6 +151,8 @@ char const* lowbit_error_string(int code)
     case LOWBIT_ERR_BAD_CODES_PER_WORD: return "codes_per_word is not the largest k with levels^k <= 2^word_bits";
     case LOWBIT_ERR_BAD_SHAPE: return "numel and channels must be positive and channels must divide numel";
     case LOWBIT_ERR_NULL_POINTER: return "null pointer argument";
+    case LOWBIT_ERR_BAD_GROUP: return "group_size/group_bits differ from the bit-stream group of these levels";
+    case LOWBIT_ERR_BAD_STREAM_BYTES: return "num_bytes is not ceil(ceil(numel / group_size) * group_bits / 8)";
     default: return code > 0 ? cudaGetErrorString(static_cast<cudaError_t>(code)) : "unknown lowbit error";
     }
 }

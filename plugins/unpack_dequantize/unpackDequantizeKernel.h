@@ -1,6 +1,7 @@
 /*
- * lowbit::UnpackDequantize v1 kernels (docs/ops/UnpackDequantize_v1.md): packed base-L codes + float16 per-channel
- * scales -> dense float32 weight. No TensorRT types here, so the kernels are testable on their own (through the C ABI
+ * lowbit::UnpackDequantize kernels: packed base-L codes + float16 per-channel scales -> dense float32 weight.
+ * v1 (docs/ops/UnpackDequantize_v1.md): codes in int8/int32 words; v2 (docs/ops/UnpackDequantize_v2.md): codes in a
+ * bit stream of B-bit groups. No TensorRT types here, so the kernels are testable on their own (through the C ABI
  * below with ctypes, also on machines without a GPU through the host path).
  */
 #ifndef LOWBIT_UNPACK_DEQUANTIZE_KERNEL_H
@@ -77,6 +78,44 @@ LOWBIT_HOST_DEVICE inline void decodeWord(uint32_t wordUnsigned, int64_t firstIn
     }
 }
 
+//! Value of group `group` of a v2 bit stream: stream bits [group*B, (group+1)*B), little-endian (stream bit s is bit
+//! s % 8 of byte s / 8). Read byte by byte because a group starts at any byte (no alignment for a wide load), and only
+//! the bytes the group spans: the stream has no slack after its last byte (the numBytes bound is a second guard).
+//! B <= kMAX_GROUP_BITS (56) keeps offset + B <= 63, so the at most 8 bytes fit one uint64_t.
+LOWBIT_HOST_DEVICE inline uint64_t readBitstreamGroup(
+    uint8_t const* stream, int64_t numBytes, int64_t group, int32_t groupBits)
+{
+    int64_t const bitStart = group * groupBits;
+    int64_t const firstByte = bitStart >> 3;
+    int32_t const offset = static_cast<int32_t>(bitStart & 7);
+    int32_t const spanBytes = (offset + groupBits + 7) >> 3;
+    uint64_t window = 0;
+    for (int32_t byte = 0; byte < spanBytes && firstByte + byte < numBytes; ++byte)
+    {
+        window |= static_cast<uint64_t>(stream[firstByte + byte]) << (8 * byte);
+    }
+    return (window >> offset) & ((uint64_t{1} << groupBits) - 1);
+}
+
+//! Decodes flat weight `index` of a v2 bit stream: digit (index % g) of group (index / g), least significant first.
+//! One thread (device) or one loop iteration (host) per output element; both run this exact function.
+LOWBIT_HOST_DEVICE inline float decodeBitstreamElement(uint8_t const* stream, int64_t numBytes, int64_t index,
+    int64_t perChannel, uint32_t levels, int32_t qmin, int32_t groupSize, int32_t groupBits,
+    uint16_t const* scaleFp16)
+{
+    int64_t const group = index / groupSize;
+    int32_t const digit = static_cast<int32_t>(index - group * groupSize);
+    uint64_t place = 1; // levels^digit <= levels^(g-1) < 2^B: no overflow
+    for (int32_t d = 0; d < digit; ++d)
+    {
+        place *= levels;
+    }
+    uint64_t const value = readBitstreamGroup(stream, numBytes, group, groupBits);
+    int32_t const code = static_cast<int32_t>((value / place) % levels);
+    // A single float32 multiply of exactly representable operands: bit-identical to the torch reference.
+    return static_cast<float>(code + qmin) * halfBitsToFloat(scaleFp16[index / perChannel]);
+}
+
 //! Launches the decode on `stream`. Word is uint8_t (INT8 words) or uint32_t (INT32 words), read as unsigned.
 template <typename Word>
 cudaError_t launchUnpackDequantize(Word const* packed, uint16_t const* scaleFp16, float* out, int64_t numel,
@@ -86,6 +125,15 @@ cudaError_t launchUnpackDequantize(Word const* packed, uint16_t const* scaleFp16
 template <typename Word>
 void unpackDequantizeHost(Word const* packed, uint16_t const* scaleFp16, float* out, int64_t numel, int64_t channels,
     int32_t levels, int32_t qmin, int32_t codesPerWord);
+
+//! v2: decodes the bit stream on `stream`, one thread per output element (coalesced float32 stores).
+cudaError_t launchUnpackDequantizeBitstream(uint8_t const* packed, int64_t numBytes, uint16_t const* scaleFp16,
+    float* out, int64_t numel, int64_t channels, int32_t levels, int32_t qmin, int32_t groupSize, int32_t groupBits,
+    cudaStream_t stream);
+
+//! v2 on host memory (reference and CPU fallback).
+void unpackDequantizeBitstreamHost(uint8_t const* packed, int64_t numBytes, uint16_t const* scaleFp16, float* out,
+    int64_t numel, int64_t channels, int32_t levels, int32_t qmin, int32_t groupSize, int32_t groupBits);
 
 } // namespace lowbit
 
@@ -97,6 +145,8 @@ extern "C"
 #define LOWBIT_ERR_BAD_CODES_PER_WORD (-3)
 #define LOWBIT_ERR_BAD_SHAPE (-4)
 #define LOWBIT_ERR_NULL_POINTER (-5)
+#define LOWBIT_ERR_BAD_GROUP (-6)
+#define LOWBIT_ERR_BAD_STREAM_BYTES (-7)
 
 //! Mirror of the constants in lowbitFormat.h, for bindings that cannot parse C++ (ctypes).
 typedef struct LowbitFormatConstants
@@ -110,6 +160,11 @@ typedef struct LowbitFormatConstants
     char const* op_name;
     char const* plugin_namespace;
     char const* op_version;
+    // Appended for op v2 (bit stream); older fields keep their offsets.
+    int32_t bitstream_format_id;
+    int32_t bitstream_word_bits;
+    int32_t max_group_bits;
+    char const* bitstream_op_version;
 } LowbitFormatConstants;
 
 int lowbit_format_constants(LowbitFormatConstants* out);
@@ -121,6 +176,20 @@ int lowbit_unpack_dequantize_launch(void const* packed, int word_bits, uint16_t 
 //! Host pointers; synchronous.
 int lowbit_unpack_dequantize_host(void const* packed, int word_bits, uint16_t const* scale_fp16, float* out,
     int64_t numel, int64_t channels, int levels, int qmin, int codes_per_word);
+
+//! v2 (bit stream, docs/ops/UnpackDequantize_v2.md). `num_bytes` is the stream length, which must equal
+//! ceil(ceil(numel / group_size) * group_bits / 8); group_size/group_bits must equal lowbit::bitstreamGroup(levels).
+//! Device pointers; asynchronous on `stream`.
+int lowbit_unpack_dequantize_bitstream_launch(void const* packed, int64_t num_bytes, uint16_t const* scale_fp16,
+    float* out, int64_t numel, int64_t channels, int levels, int qmin, int group_size, int group_bits,
+    cudaStream_t stream);
+
+//! v2, host pointers; synchronous.
+int lowbit_unpack_dequantize_bitstream_host(void const* packed, int64_t num_bytes, uint16_t const* scale_fp16,
+    float* out, int64_t numel, int64_t channels, int levels, int qmin, int group_size, int group_bits);
+
+//! lowbit::bitstreamGroup for bindings (lets tests check the C++ twin of packing.bitstream_group).
+int lowbit_bitstream_group(int levels, int* group_size, int* group_bits);
 
 char const* lowbit_error_string(int code);
 }

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lowbit_deploy.quant import packing
-from lowbit_deploy.quant.packing import PackingFormat
+from lowbit_deploy.quant.packing import WORD_FORMATS, PackingFormat
 from lowbit_deploy.runtime.trt import gpu_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU")]
@@ -15,8 +15,13 @@ LEVELS = [2, 3, 4, 5, 7, 9, 15, 16, 17, 256, 65536]
 SHAPES = [(1,), (3, 5), (7, 3, 3, 3), (320, 320, 3, 3), (1280, 641)]
 
 
+def _expected(codes: np.ndarray, qmin: int, scale_fp16: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return ((codes.reshape(shape[0], -1) + qmin).astype(np.float32)
+            * scale_fp16.astype(np.float32)[:, None]).reshape(shape)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("fmt", list(PackingFormat), ids=lambda f: f.value)
+@pytest.mark.parametrize("fmt", WORD_FORMATS, ids=lambda f: f.value)
 @pytest.mark.parametrize("levels", LEVELS)
 def test_cuda_kernel_matches_host_and_reference(levels, fmt, shape) -> None:
     import torch
@@ -35,13 +40,42 @@ def test_cuda_kernel_matches_host_and_reference(levels, fmt, shape) -> None:
     device = unpack_dequantize_cuda(torch.from_numpy(packed).cuda(), torch.from_numpy(scale_fp16).cuda(), levels,
                                     qmin, fmt.word_bits, k, shape)
     torch.cuda.synchronize()
-    expected = ((codes.reshape(shape[0], -1) + qmin).astype(np.float32)
-                * scale_fp16.astype(np.float32)[:, None]).reshape(shape)
+    expected = _expected(codes, qmin, scale_fp16, shape)
     np.testing.assert_array_equal(device.cpu().numpy().view(np.uint32), host.view(np.uint32))
     np.testing.assert_array_equal(host.view(np.uint32), expected.view(np.uint32))
 
 
-def test_engine_runs_and_matches_dense_reference(tmp_path) -> None:
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("levels", [*range(2, 18), 256, 257, 65536])
+def test_cuda_bitstream_kernel_matches_host_and_reference(levels, shape) -> None:
+    """Op v2: one thread per output element over the bit stream; equal to the host path and the reference."""
+    import torch
+
+    from lowbit_deploy.build.kernels import unpack_dequantize_bitstream_cuda, unpack_dequantize_bitstream_host
+
+    size, bits = packing.bitstream_group(levels)
+    rng = np.random.default_rng(levels)
+    codes = rng.integers(0, levels, size=shape)
+    codes.reshape(-1)[-1] = levels - 1  # the last group's top digit sits next to the end of the stream
+    packed = packing.pack_codes(codes, levels, PackingFormat.BITSTREAM)
+    scale_fp16 = rng.normal(0, 0.05, size=shape[0]).astype(np.float16)
+    qmin = -(levels // 2)
+    host = unpack_dequantize_bitstream_host(packed, scale_fp16, levels, qmin, size, bits, shape)
+    device = unpack_dequantize_bitstream_cuda(torch.from_numpy(packed).cuda(), torch.from_numpy(scale_fp16).cuda(),
+                                              levels, qmin, size, bits, shape)
+    torch.cuda.synchronize()
+    np.testing.assert_array_equal(device.cpu().numpy().view(np.uint32), host.view(np.uint32))
+    np.testing.assert_array_equal(host.view(np.uint32), _expected(codes, qmin, scale_fp16, shape).view(np.uint32))
+
+
+ENGINE_CHAINS = {
+    "v1": [(3, PackingFormat.INT8_WORDS), (17, PackingFormat.INT32_WORDS)],
+    "v2": [(3, PackingFormat.BITSTREAM), (17, PackingFormat.BITSTREAM)],
+}
+
+
+@pytest.mark.parametrize("chain", sorted(ENGINE_CHAINS))
+def test_engine_runs_and_matches_dense_reference(tmp_path, chain) -> None:
     """Builds and runs the toy conv chain where a TensorRT that targets this GPU is installed."""
     import torch
 
@@ -62,8 +96,9 @@ def test_engine_runs_and_matches_dense_reference(tmp_path) -> None:
     from lowbit_deploy.runtime.trt import TrtRunner
 
     rng = np.random.default_rng(0)
-    weights = [random_weight("w0", (8, 8, 3, 3), 3, PackingFormat.INT8_WORDS, rng),
-               random_weight("w1", (4, 8, 3, 3), 17, PackingFormat.INT32_WORDS, rng)]
+    (levels0, fmt0), (levels1, fmt1) = ENGINE_CHAINS[chain]
+    weights = [random_weight("w0", (8, 8, 3, 3), levels0, fmt0, rng),
+               random_weight("w1", (4, 8, 3, 3), levels1, fmt1, rng)]
     onnx.save(conv_chain_model(weights, (1, 8, 8, 8)), tmp_path / "chain.onnx")
     report = build_engine(tmp_path / "chain.onnx", tmp_path / "chain.engine", compute_capabilities=capabilities,
                           backend=backend)

@@ -49,6 +49,64 @@ def chain_onnx(tmp_path_factory) -> tuple[Path, int]:
     return _save(model, tmp_path_factory.mktemp("onnx") / "chain.onnx"), lowbit_nodes
 
 
+@pytest.fixture(scope="module")
+def chain_onnx_v2(tmp_path_factory) -> tuple[Path, int]:
+    """The same chain with every weight in the op-v2 bit stream: ternary (g=29, B=46), 17 levels (g=11, B=45),
+    5 levels (g=3, B=7); none of the numels is a multiple of g."""
+    from lowbit_deploy.build.toy_models import conv_chain_model
+
+    weights = _weights([((8, 8, 3, 3), 3, PackingFormat.BITSTREAM), ((8, 8, 3, 3), 17, PackingFormat.BITSTREAM),
+                        ((4, 8, 1, 1), 5, PackingFormat.BITSTREAM)])
+    model = conv_chain_model(weights, (1, 8, 8, 8))
+    assert [imp.version for imp in model.opset_import if imp.domain == "lowbit"] == [2]
+    lowbit_nodes = sum(node.domain == "lowbit" for node in model.graph.node)
+    return _save(model, tmp_path_factory.mktemp("onnx_v2") / "chain_v2.onnx"), lowbit_nodes
+
+
+def test_v2_build_has_one_plugin_layer_per_lowbit_node(chain_onnx_v2, tmp_path) -> None:
+    from lowbit_deploy.build.engine import build_engine, count_plugin_layers
+
+    onnx_path, lowbit_nodes = chain_onnx_v2
+    report = build_engine(onnx_path, tmp_path / "chain_v2.engine", compute_capabilities=((8, 9),), backend=RTX)
+    assert lowbit_nodes == 3
+    assert report.plugin_layers == lowbit_nodes
+    assert count_plugin_layers(onnx_path) == lowbit_nodes
+    assert report.warnings == [] and report.engine_bytes > 0
+    engine = (tmp_path / "chain_v2.engine").read_bytes()
+    assert b"UnpackDequantize" in engine and b"group_bits" in engine  # v2 fields serialized by name
+
+
+def test_v2_engine_keeps_the_bit_stream_packed(tmp_path) -> None:
+    """Growing a ternary conv weight from 64x64x3x3 to 256x256x3x3 grows the engine by about the bit stream's bytes
+    (1.59 bit/weight: 109,636 more bytes; v1 int8 words at 1.6 bit/weight: 110,592)."""
+    from lowbit_deploy.build.engine import build_engine
+    from lowbit_deploy.build.toy_models import conv_chain_model
+
+    sizes, packed_bytes = {}, {}
+    for channels in (64, 256):
+        (weight,) = _weights([((channels, channels, 3, 3), 3, PackingFormat.BITSTREAM)], seed=channels)
+        onnx_path = _save(conv_chain_model([weight], (1, channels, 8, 8)), tmp_path / f"v2_{channels}.onnx")
+        report = build_engine(onnx_path, tmp_path / f"v2_{channels}.engine", backend=RTX)
+        assert report.plugin_layers == 1
+        sizes[channels], packed_bytes[channels] = report.engine_bytes, weight.packed_words.nbytes
+    expected_growth = packed_bytes[256] - packed_bytes[64]
+    assert expected_growth == 109_636
+    assert 0.8 * expected_growth < sizes[256] - sizes[64] < 1.3 * expected_growth + 16_384, sizes
+
+
+def test_invalid_v2_plugin_fields_fail_the_parse(tmp_path) -> None:
+    from lowbit_deploy.build.engine import build_engine
+    from lowbit_deploy.build.toy_models import conv_chain_model
+
+    model = conv_chain_model(_weights([((8, 8, 3, 3), 3, PackingFormat.BITSTREAM)]), (1, 8, 8, 8))
+    node = next(n for n in model.graph.node if n.domain == "lowbit")
+    next(a for a in node.attribute if a.name == "group_bits").i = 45  # ternary groups of 29 codes need 46 bits
+    onnx.save(model, tmp_path / "bad_v2.onnx")
+    with pytest.raises(UserError):
+        build_engine(tmp_path / "bad_v2.onnx", tmp_path / "bad_v2.engine", backend=RTX)
+    assert not (tmp_path / "bad_v2.engine").exists()
+
+
 def test_aot_build_for_sm89_has_one_plugin_layer_per_lowbit_node(chain_onnx, tmp_path) -> None:
     from lowbit_deploy.build.engine import build_engine
 

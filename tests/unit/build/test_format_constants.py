@@ -16,19 +16,24 @@ def _header_constants() -> dict[str, object]:
     text = HEADER.read_text()
     integers = {name: int(value) for name, value in re.findall(r"constexpr int32_t (k\w+) = (-?\d+);", text)}
     strings = dict(re.findall(r'constexpr char const\* (k\w+) = "([^"]*)";', text))
-    enum = {name: int(value) for name, value in re.findall(r"(k\w+_WORDS) = (\d+),", text)}
+    enum_body = re.search(r"enum class PackingFormatId : int32_t\s*\{(.*?)\};", text, re.S).group(1)
+    enum = {name: int(value) for name, value in re.findall(r"(k\w+) = (\d+),", enum_body)}
     return {**integers, **strings, **{f"enum.{name}": value for name, value in enum.items()}}
 
 
 def test_header_matches_packing_format() -> None:
     constants = _header_constants()
     for fmt in PackingFormat:
-        prefix = fmt.name  # INT8_WORDS / INT32_WORDS
+        prefix = fmt.name  # INT8_WORDS / INT32_WORDS / BITSTREAM
         assert constants[f"k{prefix}_FORMAT_ID"] == fmt.format_id
         assert constants[f"enum.k{prefix}"] == fmt.format_id
         assert constants[f"k{prefix}_WORD_BITS"] == fmt.word_bits
     assert constants["kMIN_LEVELS"] == packing.MIN_LEVELS
     assert constants["kMAX_LEVELS"] == packing.MAX_LEVELS
+    assert constants["kMAX_GROUP_BITS"] == packing.MAX_GROUP_BITS
+    # Every enumerator is a PackingFormat (no stale id on either side).
+    assert {name.removeprefix("enum.k") for name in constants if name.startswith("enum.")} == {
+        fmt.name for fmt in PackingFormat}
 
 
 def test_header_op_identity_matches_plugin() -> None:
@@ -36,6 +41,8 @@ def test_header_op_identity_matches_plugin() -> None:
     assert constants["kUNPACK_DEQUANTIZE_NAME"] == plugin.OP_NAME
     assert constants["kPLUGIN_NAMESPACE"] == plugin.PLUGIN_NAMESPACE
     assert constants["kUNPACK_DEQUANTIZE_VERSION"] == plugin.PLUGIN_VERSION
+    assert constants["kUNPACK_DEQUANTIZE_BITSTREAM_VERSION"] == plugin.PLUGIN_VERSION_V2
+    assert set(plugin.PLUGIN_VERSIONS) == {plugin.PLUGIN_VERSION, plugin.PLUGIN_VERSION_V2}
 
 
 def test_header_covers_every_format() -> None:
@@ -56,4 +63,15 @@ def test_library_reports_header_constants(kernel_library) -> None:
         "op_name": plugin.OP_NAME,
         "plugin_namespace": plugin.PLUGIN_NAMESPACE,
         "op_version": plugin.PLUGIN_VERSION,
+        "bitstream_format_id": PackingFormat.BITSTREAM.format_id,
+        "bitstream_word_bits": PackingFormat.BITSTREAM.word_bits,
+        "max_group_bits": packing.MAX_GROUP_BITS,
+        "bitstream_op_version": plugin.PLUGIN_VERSION_V2,
     }
+
+
+def test_library_bitstream_group_matches_packing_for_every_level_count(kernel_library) -> None:
+    # The C++ twin of packing.bitstream_group (lowbit::bitstreamGroup) chooses the same (g, B) for every L.
+    mismatches = [levels for levels in range(packing.MIN_LEVELS, packing.MAX_LEVELS + 1)
+                  if kernel_library.bitstream_group(levels) != packing.bitstream_group(levels)]
+    assert mismatches == []

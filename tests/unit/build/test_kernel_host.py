@@ -1,4 +1,5 @@
-"""The kernel library's host path (same decode function as the CUDA kernel) equals the packing reference exactly."""
+"""The kernel library's v1 host path (same decode function as the CUDA kernel) equals the packing reference exactly.
+The v2 (bit stream) host path is tested in test_kernel_host_bitstream.py."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 
 from lowbit_deploy.build.kernels import KernelError, unpack_dequantize_host
 from lowbit_deploy.quant import packing
-from lowbit_deploy.quant.packing import PackingFormat
+from lowbit_deploy.quant.packing import WORD_FORMATS, PackingFormat
 
 LEVELS = [*range(2, 18), 256, 257, 65536]
 SHAPES = [(1,), (3, 5), (7, 3, 3, 3), (5, 11, 1, 1), (13, 17)]
@@ -23,7 +24,7 @@ def reference(packed: np.ndarray, scale_fp16: np.ndarray, levels: int, qmin: int
 
 def _cases():
     for levels in LEVELS:
-        for fmt in PackingFormat:
+        for fmt in WORD_FORMATS:
             marks = ()
             if packing.codes_per_word(levels, fmt.word_bits) < 1:
                 # Say so instead of silently dropping it: the rejection is tested in test_rejects_levels_too_wide.

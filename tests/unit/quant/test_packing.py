@@ -6,7 +6,9 @@ from hypothesis import strategies as st
 from lowbit_deploy.quant.packing import (
     PackedLayout,
     PackingFormat,
+    WORD_FORMATS,
     best_format,
+    bits_per_weight,
     codes_per_word,
     pack_codes,
     unpack_codes,
@@ -14,7 +16,7 @@ from lowbit_deploy.quant.packing import (
 
 
 def _fits(levels: int, fmt: PackingFormat) -> bool:
-    return codes_per_word(levels, fmt.word_bits) >= 1
+    return bits_per_weight(levels, fmt) != float("inf")
 
 
 @settings(max_examples=60, deadline=None)
@@ -51,10 +53,27 @@ def test_codes_per_word_is_the_largest_that_fits(levels, word_bits, expected):
 @pytest.mark.parametrize(("levels", "fmt", "bits"), [
     (3, PackingFormat.INT8_WORDS, 1.6), (4, PackingFormat.INT8_WORDS, 2.0), (5, PackingFormat.INT32_WORDS, 32 / 13),
     (16, PackingFormat.INT8_WORDS, 4.0), (17, PackingFormat.INT32_WORDS, 32 / 7), (257, PackingFormat.INT32_WORDS, 32 / 3),
+    (3, PackingFormat.BITSTREAM, 46 / 29), (5, PackingFormat.BITSTREAM, 7 / 3), (17, PackingFormat.BITSTREAM, 45 / 11),
 ])
-def test_best_format_is_densest(levels, fmt, bits):
-    assert best_format(levels) is fmt
+def test_bits_per_weight_of_each_format(levels, fmt, bits):
     assert PackedLayout(levels, fmt, 1000).bits_per_weight == pytest.approx(bits)
+    assert bits_per_weight(levels, fmt) == pytest.approx(bits)
+
+
+def test_word_formats_keep_their_order_among_themselves():
+    # v1 callers that choose between the word formats: the denser one, ties to the smaller word.
+    densest_word = {levels: min(WORD_FORMATS, key=lambda f: (bits_per_weight(levels, f), f.word_bits))
+                    for levels in (3, 4, 5, 16, 17, 257)}
+    assert densest_word == {3: PackingFormat.INT8_WORDS, 4: PackingFormat.INT8_WORDS, 5: PackingFormat.INT32_WORDS,
+                            16: PackingFormat.INT8_WORDS, 17: PackingFormat.INT32_WORDS,
+                            257: PackingFormat.INT32_WORDS}
+
+
+def test_best_format_is_the_bitstream_which_is_never_less_dense():
+    for levels in range(2, 2**16 + 1):
+        assert best_format(levels) is PackingFormat.BITSTREAM
+        bitstream = bits_per_weight(levels, PackingFormat.BITSTREAM)
+        assert all(bitstream <= bits_per_weight(levels, fmt) for fmt in WORD_FORMATS), levels
 
 
 def test_ternary_is_really_packed():
@@ -65,6 +84,15 @@ def test_ternary_is_really_packed():
 def test_out_of_range_codes_are_rejected():
     with pytest.raises(ValueError, match=r"\[0, 5\)"):
         pack_codes(np.array([0, 5]), 5, PackingFormat.INT8_WORDS)
+
+
+def test_unpack_checks_word_count_and_dtype_of_the_bitstream():
+    stream = pack_codes(np.arange(100) % 5, 5, PackingFormat.BITSTREAM)
+    assert stream.dtype == np.int8 and stream.size == 30  # 34 groups of 7 bits = 238 bits
+    with pytest.raises(ValueError, match="expected 30 words of int8"):
+        unpack_codes(stream[:-1], 5, PackingFormat.BITSTREAM, 100)
+    with pytest.raises(ValueError, match="expected"):
+        unpack_codes(stream.view(np.uint8), 5, PackingFormat.BITSTREAM, 100)
 
 
 def test_unpack_checks_word_count_and_dtype():
