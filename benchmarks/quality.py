@@ -13,18 +13,19 @@ from pathlib import Path
 import torch
 from _common import print_table, recipe_with
 
-from lowbit_deploy.models import load_model, sample_shape
+from lowbit_deploy.models import load_model
 from lowbit_deploy.qat.checkpoint import load_checkpoint
 from lowbit_deploy.qat.trainer import train
+from lowbit_deploy.signature import signature_for
 from lowbit_deploy.validate import sampling
 
 
 def generate(unet, bundle, labels, steps: int, seed: int) -> torch.Tensor:
     cond = bundle.condition.for_labels(labels)
     with torch.no_grad():
-        return sampling.sample(sampling.unet_denoiser(unet), cond, bundle.condition.null(len(labels)),
-                               scheduler_config=bundle.scheduler_config, num_steps=steps, guidance_scale=3.0,
-                               seed=seed, sample_shape=sample_shape(unet))
+        return sampling.sample(sampling.unet_runner(unet), signature_for(unet, cond.shape[1]), cond,
+                               bundle.condition.null(len(labels)), scheduler_config=bundle.scheduler_config,
+                               num_steps=steps, guidance_scale=3.0, seed=seed)
 
 
 def main() -> None:

@@ -23,18 +23,6 @@ def parse_compute_capability(text: str) -> tuple[int, int]:
     return major, minor
 
 
-def input_shape_ranges(unet, seq_len: int, batches: tuple[int, int, int]) -> dict[str, tuple]:
-    """(min, opt, max) shapes of the exported UNet's inputs: batch varies, everything else is the model's."""
-    from .models import sample_shape
-
-    per_batch = {
-        "sample": lambda b: (b, *sample_shape(unet)),
-        "timestep": lambda b: (b,),
-        "encoder_hidden_states": lambda b: (b, seq_len, unet.config.cross_attention_dim),
-    }
-    return {name: tuple(shape(b) for b in batches) for name, shape in per_batch.items()}
-
-
 @dataclass
 class BuildOutcome:
     status: str  # "built" | "not run: <reason>"
@@ -45,23 +33,24 @@ def build_run(run_dir: str | Path, compute_capabilities: list[str] | None = None
               fp16_reference: bool = True) -> BuildOutcome:
     """The ``build`` stage: ``model.onnx`` -> ``model.engine`` (plugin layers for every lowbit node)."""
     from .build.engine import build_engine
-    from .qat.checkpoint import load_checkpoint
+    from .qat.checkpoint import checkpoint_recipe
+    from .runtime.ort import read_signature
 
     run_dir = Path(run_dir)
     onnx_path = run_dir / "model.onnx"
     if not onnx_path.is_file():
         raise UserError(f"no ONNX model at {onnx_path}; run `lowbit-deploy export {run_dir}` first")
-    checkpoint = load_checkpoint(run_dir)
-    config = checkpoint.recipe.build
+    config = checkpoint_recipe(run_dir).build
     capabilities = [parse_compute_capability(cc) for cc in (compute_capabilities or config.compute_capabilities)]
-    shapes = input_shape_ranges(checkpoint.unet, checkpoint.condition_seq_len,
-                                (config.min_batch, config.opt_batch, config.max_batch))
+    # Profiles come from the deployed signature stored in the ONNX file: no weights are loaded to learn shapes.
+    batches = (config.min_batch, config.opt_batch, config.max_batch)
+    shapes = read_signature(onnx_path).shape_ranges(batches)
     report = build_engine(onnx_path, run_dir / "model.engine", compute_capabilities=capabilities,
                           input_shapes=shapes).to_dict()
     fp16_path = run_dir / "model_fp16.onnx"
     if fp16_reference and fp16_path.is_file():
         fp16 = build_engine(fp16_path, run_dir / "model_fp16.engine", compute_capabilities=capabilities,
-                            input_shapes=shapes).to_dict()
+                            input_shapes=read_signature(fp16_path).shape_ranges(batches)).to_dict()
         report["fp16_engine_bytes"] = fp16["engine_bytes"]
         report["size_ratio_vs_fp16_engine"] = fp16["engine_bytes"] / report["engine_bytes"]
     update_report(run_dir, "build", report)

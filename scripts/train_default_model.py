@@ -22,7 +22,8 @@ from lowbit_deploy.models.classifier import train_classifier
 from lowbit_deploy.models.conditioning import DIGIT_WORDS, PromptEncoder, digit_prompt
 from lowbit_deploy.models.digits import load_digits
 from lowbit_deploy.models.loading import default_unet_config
-from lowbit_deploy.validate.sampling import sample, unet_denoiser
+from lowbit_deploy.signature import DeployedSignature
+from lowbit_deploy.validate.sampling import sample, unet_runner
 
 # Pixel-space DDPM (Ho et al.): a linear schedule that ends near pure noise; samples are clipped to the data range.
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
@@ -122,8 +123,9 @@ def evaluate(unet, encoder, classifier, scheduler_config: dict, args: argparse.N
         cond = encoder.encode([digit_prompt(label) for label in prompted.tolist()])
         null = encoder.encode([""])
     started = time.perf_counter()
-    images = sample(unet_denoiser(unet), cond, null, scheduler_config=scheduler_config, num_steps=args.eval_steps,
-                    guidance_scale=args.guidance, seed=args.seed, sample_shape=(1, 16, 16))
+    signature = DeployedSignature((1, 16, 16), cond.shape[1], cond.shape[2])
+    images = sample(unet_runner(unet), signature, cond, null, scheduler_config=scheduler_config,
+                    num_steps=args.eval_steps, guidance_scale=args.guidance, seed=args.seed)
     seconds = time.perf_counter() - started
     accuracy = classifier.accuracy(images, prompted)
     # Columns are classes 0..9, rows are seeds: one glance shows whether each prompt gives its digit.

@@ -1,14 +1,16 @@
-"""Export a quantized UNet to ONNX with truly packed low-bit weights.
+"""Export a trained UNet to ONNX with truly packed low-bit weights, through the deployed-model contract.
 
-The UNet is traced once with its deployed (dequantized) weights in place, so the graph is the ordinary float
-graph; then every quantized weight initializer is swapped for its packed words + float16 scales feeding a
-``lowbit::UnpackDequantize`` node whose output carries the weight's original name. Consumers are untouched, and
-the function body makes the file run in any ONNX runtime.
+The trained model is rewritten by the export handlers (:mod:`.handlers`: packed ``lowbit::UnpackDequantize`` layers,
+cached time tables, float parameters stored in fp16) into a :class:`~.deployed.DeployedUNet`, which is traced once
+with the input names, dtypes and dynamic axes of its :class:`~lowbit_deploy.signature.DeployedSignature`. The op's
+model-local function is attached so any ONNX runtime executes the file; the signature (and, for cached time
+features, the timestep of every step index) is written into the model's metadata.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -21,28 +23,17 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_path, update_report
-from ..models import sample_shape
 from ..quant.apply import quantized_layers
 from ..quant.fake_quant import deployed_float_layer
-from ..quant.packing import PackingFormat, best_format
-from .lowbit_ops import PackedWeight, attach_function, make_initializers, make_node
+from ..runtime.ort import METADATA_SIGNATURE
+from ..signature import DeployedSignature, signature_for
+from .deployed import DeployedUNet, deploy_unet
+from .handlers import ExportOptions
+from .lowbit_ops import OP_DOMAIN, attach_function
 
-INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states")
-OUTPUT_NAME = "noise_pred"
 # ONNX Runtime 1.31 rejects IR versions above 13 and TensorRT's parser lags further; 10 is read by all of them.
 IR_VERSION = 10
-_PARAM_PREFIX = "unet."
-
-
-class UNetForExport(nn.Module):
-    """Positional (sample, timestep, encoder_hidden_states) -> noise prediction, with a float timestep input."""
-
-    def __init__(self, unet: nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+METADATA_PLAN = "lowbit.plan"
 
 
 @dataclass
@@ -50,8 +41,14 @@ class ExportReport:
     onnx_path: str
     onnx_bytes: int
     lowbit_nodes: int
-    packed_weight_bytes: int
+    op_version: int
+    packed_weight_bytes: int          # packed words + fp16 scales of every quantized layer
     quantized_weights: int
+    stored_bits_per_weight: float     # packed words only, per quantized weight
+    counted_average_bits: float       # BitsFusion's formula (plan + cached values)
+    float_storage: str
+    time_input: str
+    cached_values: int
     fp16_onnx_path: str | None = None
     fp16_onnx_bytes: int | None = None
 
@@ -63,30 +60,6 @@ class ExportReport:
         return {**asdict(self), "size_ratio_vs_fp16": self.size_ratio_vs_fp16}
 
 
-def example_inputs(unet: nn.Module, batch: int = 2, seq_len: int = 8, dtype=torch.float32) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(0)
-    sample = torch.randn(batch, *sample_shape(unet), generator=generator).to(dtype)
-    timestep = torch.linspace(1, 999, batch).to(dtype)
-    states = torch.randn(batch, seq_len, unet.config.cross_attention_dim, generator=generator).to(dtype)
-    return sample, timestep, states
-
-
-def packed_weights(unet: nn.Module, packing: str = "auto") -> dict[str, PackedWeight]:
-    """Packed form of every quantized layer's weight, keyed by the layer's module name."""
-    packed: dict[str, PackedWeight] = {}
-    for name, layer in quantized_layers(unet).items():
-        quantizer = layer.weight_quantizer
-        grid = quantizer.grid
-        fmt = best_format(grid.levels) if packing == "auto" else PackingFormat(packing)
-        q = quantizer.integer_weight(layer.weight).numpy()
-        scale16 = quantizer.deployed_scale().numpy().astype(np.float16)
-        try:
-            packed[name] = PackedWeight.from_integers(name, q, grid.qmin, grid.levels, scale16, fmt)
-        except ValueError as error:
-            raise UserError(f"layer {name}: {error} (set export.packing to auto or int32_words)") from None
-    return packed
-
-
 def deployed_float_unet(unet: nn.Module) -> nn.Module:
     """A plain float UNet whose quantized layers hold their deployed (dequantized) weights."""
     deployed = copy.deepcopy(unet)
@@ -96,43 +69,44 @@ def deployed_float_unet(unet: nn.Module) -> nn.Module:
     return deployed.eval()
 
 
-def trace_to_onnx(unet: nn.Module, path: Path, opset: int, dtype=torch.float32, seq_len: int = 8) -> onnx.ModelProto:
+class _TimestepUNet(nn.Module):
+    """A diffusers UNet called positionally with the (timestep) signature's inputs."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+def trace_to_onnx(model: nn.Module, signature: DeployedSignature, path: Path, opset: int,
+                  dtype: torch.dtype = torch.float32) -> onnx.ModelProto:
+    """Trace ``model`` (positional inputs in the signature's order) into an ONNX file named by the signature."""
     from diffusers.utils import logging as diffusers_logging
 
+    feeds = signature.random_feeds(2, torch.Generator().manual_seed(0),
+                                   torch.randn(2, signature.seq_len, signature.cross_attention_dim))
+    example = tuple(value.to(dtype) if value.is_floating_point() else value for value in feeds.values())
     # diffusers warns on every ModelMixin.to(dtype) about fp32-only modules; the UNet has none, so silence it here.
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
-        model = UNetForExport(unet.to(dtype)).eval()
+        model = model.to(dtype).eval() if dtype != torch.float32 else model.eval()
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    batch_axes = {name: {0: "batch"} for name in (*INPUT_NAMES, OUTPUT_NAME)}
-    batch_axes["encoder_hidden_states"][1] = "tokens"
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about diffusers' shape checks are expected and harmless
-        # The TorchScript exporter keeps parameter names as initializer names, which the packing pass relies on;
-        # constant folding is off so no weight is transposed into an anonymous initializer.
-        torch.onnx.export(model, example_inputs(unet, seq_len=seq_len, dtype=dtype), str(path), dynamo=False,
-                          input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME], opset_version=opset,
-                          dynamic_axes=batch_axes, do_constant_folding=False)
+        # The TorchScript exporter keeps module paths as initializer names (packed words stay named after their
+        # layer) and runs each PackedLayer's autograd symbolic; constant folding would decode the packed weights.
+        torch.onnx.export(model, example, str(path), dynamo=False, input_names=list(signature.input_names),
+                          output_names=[spec.name for spec in signature.outputs], opset_version=opset,
+                          dynamic_axes=signature.dynamic_axes(), do_constant_folding=False)
     return onnx.load(str(path))
 
 
-def replace_with_packed(model: onnx.ModelProto, weights: dict[str, PackedWeight], opset: int) -> None:
-    initializers = {init.name: index for index, init in enumerate(model.graph.initializer)}
-    new_nodes = []
-    for name, weight in weights.items():
-        onnx_name = f"{_PARAM_PREFIX}{name}.weight"
-        if onnx_name not in initializers:
-            raise RuntimeError(f"exported graph has no initializer {onnx_name}; the exporter renamed weights")
-        model.graph.initializer[initializers[onnx_name]].CopyFrom(make_initializers(weight)[0])
-        model.graph.initializer.append(make_initializers(weight)[1])
-        new_nodes.append(make_node(weight, onnx_name))
-    nodes = list(model.graph.node)
-    del model.graph.node[:]
-    model.graph.node.extend(new_nodes + nodes)
-    attach_function(model, opset)
-    model.ir_version = IR_VERSION
+def _count_lowbit_nodes(model: onnx.ModelProto) -> int:
+    return sum(1 for node in model.graph.node if node.domain == "lowbit")
 
 
 def _save(model: onnx.ModelProto, target: Path) -> int:
@@ -141,25 +115,51 @@ def _save(model: onnx.ModelProto, target: Path) -> int:
     return target.stat().st_size
 
 
-def export_onnx(unet: nn.Module, out_path: str | Path, *, opset: int = 17, packing: str = "auto",
-                fp16_reference_path: str | Path | None = None, seq_len: int = 8) -> ExportReport:
-    """Write the packed ONNX (and optionally a plain fp16 ONNX of the same deployed UNet for size comparison)."""
+def export_deployed(deployed: DeployedUNet, out_path: str | Path, *, opset: int = 17) -> onnx.ModelProto:
+    """Trace the deployed UNet, attach the op's local function and the metadata, check and write the file."""
     out_path = Path(out_path)
-    weights = packed_weights(unet, packing)
-    if not weights:
-        raise UserError("the model has no quantized layer to export; train it with a recipe that quantizes layers")
-    deployed = deployed_float_unet(unet)
     with tempfile.TemporaryDirectory(prefix="lowbit-export-") as scratch:
-        model = trace_to_onnx(deployed, Path(scratch) / "trace.onnx", opset, seq_len=seq_len)
-    replace_with_packed(model, weights, opset)
+        model = trace_to_onnx(deployed, deployed.signature, Path(scratch) / "trace.onnx", opset)
+    # The exporter declares every custom domain at version 1; the op version is the nodes' (attach_function's) call.
+    kept = [entry for entry in model.opset_import if entry.domain != OP_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    attach_function(model, opset)
+    model.ir_version = IR_VERSION
+    onnx.helper.set_model_props(model, {METADATA_SIGNATURE: deployed.signature.to_json(),
+                                        METADATA_PLAN: json.dumps(deployed.plan.summary(deployed.signature.num_steps))})
     onnx.checker.check_model(model)
-    report = ExportReport(str(out_path), _save(model, out_path), len(weights),
-                          sum(w.nbytes for w in weights.values()), sum(int(np.prod(w.shape)) for w in weights.values()))
-    if fp16_reference_path is not None:
+    _save(model, out_path)
+    return model
+
+
+def export_onnx(unet: nn.Module, out_path: str | Path, *, plan, signature: DeployedSignature, opset: int = 17,
+                options: ExportOptions = ExportOptions(), fp16_reference_path: str | Path | None = None,
+                inplace: bool = False) -> ExportReport:
+    """Write the packed ONNX of a trained UNet (and optionally a plain fp16 ONNX of it for size comparison)."""
+    out_path = Path(out_path)
+    if not plan.quantized:
+        raise UserError("the model has no quantized layer to export; train it with a recipe that quantizes layers")
+    fp16_source = deployed_float_unet(unet) if fp16_reference_path is not None else None
+    deployed = deploy_unet(unet, plan, signature, options, inplace=inplace)
+    model = export_deployed(deployed, out_path, opset=opset)
+    packed = [layer.packed_weight for layer in deployed.packed_layers().values()]
+    quantized_weights = sum(int(np.prod(weight.shape)) for weight in packed)
+    words_bytes = sum(weight.packed_words.nbytes for weight in packed)
+    report = ExportReport(
+        str(out_path), out_path.stat().st_size, _count_lowbit_nodes(model),
+        max(imp.version for imp in model.opset_import if imp.domain == "lowbit"),
+        sum(weight.nbytes for weight in packed), quantized_weights, 8 * words_bytes / max(quantized_weights, 1),
+        plan.average_bits(signature.num_steps), options.float_storage, signature.time_input.value,
+        signature.num_steps * plan.cached_table_rows() if plan.caches_time else 0)
+    if fp16_source is not None:
         fp16_path = Path(fp16_reference_path)
+        float_signature = signature_for(fp16_source, signature.seq_len)
         with atomic_path(fp16_path) as tmp:
-            fp16_model = trace_to_onnx(copy.deepcopy(deployed), tmp, opset, dtype=torch.float16, seq_len=seq_len)
+            fp16_model = trace_to_onnx(_TimestepUNet(fp16_source), float_signature, tmp, opset,
+                                       dtype=torch.float16)
             fp16_model.ir_version = IR_VERSION
+            onnx.helper.set_model_props(fp16_model, {METADATA_SIGNATURE: float_signature.to_json()})
             onnx.save(fp16_model, str(tmp))
         report.fp16_onnx_path, report.fp16_onnx_bytes = str(fp16_path), fp16_path.stat().st_size
     return report
@@ -175,8 +175,10 @@ def export_run(run_dir: str | Path) -> ExportReport:
     if not config.export_fp16_reference:
         # A reference left by an earlier export would otherwise be built and compared against this model.
         (run_dir / "model_fp16.onnx").unlink(missing_ok=True)
-    report = export_onnx(checkpoint.unet, run_dir / "model.onnx", opset=config.opset, packing=config.packing,
+    options = ExportOptions(packing=config.packing, float_storage=config.float_storage)
+    report = export_onnx(checkpoint.unet, run_dir / "model.onnx", plan=checkpoint.plan,
+                         signature=checkpoint.signature, opset=config.opset, options=options,
                          fp16_reference_path=run_dir / "model_fp16.onnx" if config.export_fp16_reference else None,
-                         seq_len=checkpoint.condition_seq_len)
-    update_report(run_dir, "export", report.to_dict())
+                         inplace=True)
+    update_report(run_dir, "export", {**report.to_dict(), "signature": checkpoint.signature.describe()})
     return report

@@ -1,9 +1,11 @@
 """Quantized-UNet checkpoints: safetensors only, self-describing, written atomically.
 
 ``<run>/checkpoint/quantized_unet.safetensors`` holds the student's full state dict (latent float weights, biases,
-quantizer scales) and, as metadata, the recipe, the UNet config and the model source, so a checkpoint rebuilds its
-model without the original folder. ``train_state.safetensors`` beside it holds what ``--resume`` needs: optimizer
-moments, step, and the data generator's state.
+quantizer scales) and, as metadata, the realized quantization plan, the deployed signature, the UNet config, the
+model source and the recipe. The model is rebuilt from the UNet config and the plan alone -- never by re-running
+the recipe -- so a checkpoint always describes exactly the model it was trained as. ``train_state.safetensors``
+beside it holds what ``--resume`` needs: optimizer moments, the global step and the stage position, the data
+generator's state, and the per-stage loss history.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
 from ..io import atomic_path
-from ..quant.apply import quantize_model
+from ..quant.apply import apply_plan
+from ..quant.plan import QuantPlan
 from ..recipes import Recipe, recipe_from_json
+from ..signature import DeployedSignature
 
-CHECKPOINT_FORMAT = "lowbit-deploy/quantized-unet/1"
+CHECKPOINT_FORMAT = "lowbit-deploy/quantized-unet/2"
 CHECKPOINT_DIRNAME = "checkpoint"
 WEIGHTS_FILE = "quantized_unet.safetensors"
 TRAIN_STATE_FILE = "train_state.safetensors"
@@ -35,8 +39,12 @@ class QuantizedCheckpoint:
     model_source: str | None
     step: int
     path: Path
-    condition_seq_len: int
-    plan: dict  # QuantizationPlan.to_dict() as calibrated when training started
+    plan: QuantPlan
+    signature: DeployedSignature
+
+    @property
+    def condition_seq_len(self) -> int:
+        return self.signature.seq_len
 
 
 def checkpoint_file(location: str | Path) -> Path:
@@ -67,22 +75,31 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise UserError(f"{path} is not a readable safetensors file ({error}); it may be truncated or corrupt. "
                         f"Re-run `lowbit-deploy train` to write it again.") from None
     if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise UserError(f"{path} is a safetensors file but not a lowbit-deploy quantized checkpoint "
-                        f"(format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r})")
+        older = str(metadata.get("format", "")).startswith(CHECKPOINT_FORMAT.rsplit("/", 1)[0])
+        fix = (" It was written by an older lowbit-deploy; re-run `lowbit-deploy train` to write it again."
+               if older else "")
+        raise UserError(f"{path} is a safetensors file but not a lowbit-deploy quantized checkpoint of this version "
+                        f"(format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}).{fix}")
     return metadata
 
 
+def checkpoint_recipe(location: str | Path) -> Recipe:
+    """The recipe a checkpoint was trained with, read from the file's header only (no weights loaded)."""
+    path = checkpoint_file(location)
+    return recipe_from_json(read_metadata(path)["recipe"])
+
+
 def save_checkpoint(run_dir: Path, unet: torch.nn.Module, recipe: Recipe, model_source: str | None, step: int,
-                    plan: dict, condition_seq_len: int) -> Path:
+                    plan: QuantPlan, signature: DeployedSignature) -> Path:
     target = Path(run_dir) / CHECKPOINT_DIRNAME / WEIGHTS_FILE
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "recipe": recipe.to_json(),
-        "unet_config": json.dumps(dict(unet.config)),
+        "unet_config": json.dumps(dict(unet.config), sort_keys=True),
         "model_source": model_source or "",
         "step": str(step),
-        "condition_seq_len": str(condition_seq_len),
-        "plan": json.dumps(plan),
+        "plan": plan.to_json(),
+        "signature": signature.to_json(),
     }
     state = {name: tensor.detach().contiguous() for name, tensor in unet.state_dict().items()}
     with atomic_path(target) as tmp:
@@ -96,8 +113,10 @@ def load_checkpoint(location: str | Path) -> QuantizedCheckpoint:
     path = checkpoint_file(location)
     metadata = read_metadata(path)
     recipe = recipe_from_json(metadata["recipe"])
+    plan = QuantPlan.from_dict(json.loads(metadata["plan"]), f"the plan in {path}")
+    signature = DeployedSignature.from_json(metadata["signature"])
     unet = UNet2DConditionModel.from_config(json.loads(metadata["unet_config"]))
-    quantize_model(unet, recipe.quantize, initialize=False)
+    apply_plan(unet, plan, scale_init=None)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as error:
@@ -108,26 +127,39 @@ def load_checkpoint(location: str | Path) -> QuantizedCheckpoint:
         raise UserError(f"{path} does not match the model its metadata describes ({str(error)[:300]}). "
                         f"The file was edited or written by another tool; re-run training.") from None
     unet.eval()
-    return QuantizedCheckpoint(unet, recipe, metadata["model_source"] or None, int(metadata["step"]), path,
-                               int(metadata["condition_seq_len"]), json.loads(metadata["plan"]))
+    return QuantizedCheckpoint(unet, recipe, metadata["model_source"] or None, int(metadata["step"]), path, plan,
+                               signature)
 
 
-def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, step: int,
-                     generator: torch.Generator) -> Path:
+@dataclass
+class TrainState:
+    """What ``--resume`` needs besides the weights: where the run stands and its random and optimizer state."""
+
+    step: int                       # global steps done
+    stage: int | None               # index of the stage the next step belongs to (None: written before stages)
+    stage_step: int | None          # steps of that stage already done (0: the stage starts with a fresh optimizer)
+    optimizer_state: dict           # torch optimizer state_dict of the stage in progress
+    generator_state: torch.Tensor
+    history: list[dict]             # per-stage loss/time summaries so far (the train report)
+
+
+def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer | None, step: int, generator: torch.Generator,
+                     *, stage: int = 0, stage_step: int = 0, history: list[dict] | None = None) -> Path:
     target = Path(run_dir) / CHECKPOINT_DIRNAME / TRAIN_STATE_FILE
-    optimizer_state = optimizer.state_dict()
+    optimizer_state = optimizer.state_dict() if optimizer is not None else {"state": {}, "param_groups": []}
     tensors: dict[str, torch.Tensor] = {"generator_state": generator.get_state()}
     for index, slots in optimizer_state["state"].items():
         for slot, value in slots.items():
             tensors[f"optimizer.{index}.{slot}"] = torch.as_tensor(value).detach().clone()
-    metadata = {"format": CHECKPOINT_FORMAT + "/train-state", "step": str(step),
-                "param_groups": json.dumps(optimizer_state["param_groups"])}
+    metadata = {"format": CHECKPOINT_FORMAT + "/train-state", "step": str(step), "stage": str(stage),
+                "stage_step": str(stage_step), "param_groups": json.dumps(optimizer_state["param_groups"]),
+                "history": json.dumps(history or [])}
     with atomic_path(target) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return target
 
 
-def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, generator: torch.Generator) -> int:
+def read_train_state(run_dir: Path) -> TrainState:
     path = Path(run_dir) / CHECKPOINT_DIRNAME / TRAIN_STATE_FILE
     if not path.is_file():
         raise UserError(f"cannot resume: {path} is missing; start without --resume or pick the right --out")
@@ -142,9 +174,18 @@ def load_train_state(run_dir: Path, optimizer: torch.optim.Optimizer, generator:
         if key.startswith("optimizer."):
             _, index, slot = key.split(".", 2)
             state.setdefault(int(index), {})[slot] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(metadata["param_groups"])})
-    generator.set_state(tensors["generator_state"])
-    return int(metadata["step"])
+    optional = {key: int(metadata[key]) if key in metadata else None for key in ("stage", "stage_step")}
+    return TrainState(int(metadata["step"]), optional["stage"], optional["stage_step"],
+                      {"state": state, "param_groups": json.loads(metadata["param_groups"])},
+                      tensors["generator_state"], json.loads(metadata.get("history", "[]")))
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: TrainState, run_dir: Path) -> None:
+    try:
+        optimizer.load_state_dict(state.optimizer_state)
+    except (ValueError, KeyError) as error:
+        raise UserError(f"cannot resume {run_dir}: its optimizer state does not fit this trainer ({error}); it was "
+                        f"written by another lowbit-deploy version. Train into a new --out") from None
 
 
 def check_same_step(checkpoint_step: int, train_state_step: int, run_dir: Path) -> None:

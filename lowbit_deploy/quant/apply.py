@@ -1,48 +1,14 @@
-"""Turn a float model into a fake-quantized one following a recipe's ``quantize`` section."""
+"""Turn a float model into its fake-quantized training twin, following a realized :class:`QuantPlan`."""
 
 from __future__ import annotations
-
-from dataclasses import asdict, dataclass
 
 from torch import nn
 
 from ..errors import UserError
 from .fake_quant import QUANTIZABLE_LAYERS, QuantizedLayer
-from .grids import IntegerGrid
+from .grids import ScaleInit
+from .plan import QuantPlan, layer_inventory, plan_from_rules
 from .scale_init import initialize_scale, quantization_mse
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    name: str
-    layer_type: str
-    grid_kind: str
-    bits: int
-    levels: int
-    numel: int
-    init_mse: float
-
-
-@dataclass(frozen=True)
-class QuantizationPlan:
-    layers: tuple[LayerPlan, ...]
-    float_params: int
-
-    @property
-    def quantized_params(self) -> int:
-        return sum(layer.numel for layer in self.layers)
-
-    @property
-    def average_bits(self) -> float:
-        """Average information cost (log2 levels) over quantized weights, as BitsFusion counts it."""
-        import math
-
-        total = sum(math.log2(layer.levels) * layer.numel for layer in self.layers)
-        return total / max(self.quantized_params, 1)
-
-    def to_dict(self) -> dict:
-        return {"layers": [asdict(layer) for layer in self.layers], "float_params": self.float_params,
-                "quantized_params": self.quantized_params, "average_bits": self.average_bits}
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -54,34 +20,43 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     return {name: module for name, module in model.named_modules() if isinstance(module, QuantizedLayer)}
 
 
-def quantize_model(model: nn.Module, section, *, initialize: bool = True) -> QuantizationPlan:
-    """Replace every quantizable layer matched by a rule with its fake-quantized twin (in place).
+def plan_for(model: nn.Module, section, source: str = "") -> QuantPlan:
+    """The plan a recipe's ``quantize`` section gives ``model``: its plan file (checked against the model) or its
+    pattern rules."""
+    inventory, total_params = layer_inventory(model)
+    if section.plan:
+        plan = QuantPlan.load(section.plan)
+        plan.check_matches(inventory)
+        return plan
+    return plan_from_rules(inventory, section, total_params, source)
 
-    ``section`` is a :class:`lowbit_deploy.recipes.QuantizeSection`. With ``initialize`` the scales are calibrated
-    (``section.scale_init``); without it they keep their placeholder value until a checkpoint is loaded over them.
+
+def apply_plan(model: nn.Module, plan: QuantPlan, *, scale_init: ScaleInit | None = ScaleInit.ALTERNATING,
+               iterations: int = 10) -> dict[str, float]:
+    """Replace every layer the plan quantizes by its fake-quantized twin (in place, sharing parameters).
+
+    With ``scale_init`` the scales are calibrated and the per-layer initial quantization MSE is returned; with None
+    they keep a placeholder until a checkpoint is loaded over them. Float and cached layers stay as they are: the
+    student computes time features in float, and export turns cached layers into tables.
     """
-    plans: list[LayerPlan] = []
-    candidates = [(name, module) for name, module in model.named_modules() if type(module) in QUANTIZABLE_LAYERS]
-    for name, module in candidates:
-        rule = section.rule_for(name)
-        if rule is None or rule.keep_float:
-            continue
-        grid: IntegerGrid = rule.integer_grid()
-        quantized = QUANTIZABLE_LAYERS[type(module)](module, grid)
-        _set_submodule(model, name, quantized)
-        mse = float("nan")
-        if initialize:
-            initialize_scale(quantized.weight, quantized.weight_quantizer, section.scale_init,
-                             section.scale_init_iterations)
-            mse = quantization_mse(quantized.weight, quantized.weight_quantizer)
-        plans.append(LayerPlan(name, type(module).__name__, grid.kind.value, grid.bits, grid.levels,
-                               quantized.weight.numel(), mse))
-    if not plans:
-        names = ", ".join(name for name, _ in candidates[:5]) or "none"
-        raise UserError(
-            f"the recipe's quantize.layers rules matched no quantizable layer (Conv2d/Linear) of the model; "
-            f"{len(candidates)} candidates exist (first: {names}). Fix the patterns, e.g. `pattern: \"*\"`."
-        )
-    quantized_ids = {id(module.weight) for module in quantized_layers(model).values()}
-    float_params = sum(p.numel() for p in model.parameters() if id(p) not in quantized_ids)
-    return QuantizationPlan(tuple(plans), float_params)
+    inventory, _ = layer_inventory(model)
+    plan.check_matches(inventory)
+    init_mse: dict[str, float] = {}
+    for decision in plan.quantized:
+        module = model.get_submodule(decision.name)
+        quantized = QUANTIZABLE_LAYERS[type(module)](module, decision.integer_grid())
+        _set_submodule(model, decision.name, quantized)
+        if scale_init is not None:
+            initialize_scale(quantized.weight, quantized.weight_quantizer, scale_init, iterations)
+            init_mse[decision.name] = quantization_mse(quantized.weight, quantized.weight_quantizer)
+    return init_mse
+
+
+def quantize_model(model: nn.Module, section, *, initialize: bool = True) -> QuantPlan:
+    """Plan ``model`` from a recipe's ``quantize`` section and apply the plan; returns the plan."""
+    plan = plan_for(model, section)
+    if not plan.quantized:
+        raise UserError("the quantization plan quantizes no layer; quantize at least one Conv2d/Linear")
+    apply_plan(model, plan, scale_init=section.scale_init if initialize else None,
+               iterations=section.scale_init_iterations)
+    return plan

@@ -1,23 +1,47 @@
-"""Run an exported UNet with ONNX Runtime (CPU): the portable path, lowbit nodes executed via their functions."""
+"""Run an exported UNet with ONNX Runtime (CPU): the portable path, lowbit nodes executed via their functions.
+
+The runner is driven by the deployed signature stored in the file's metadata: it checks every feed against it
+(names, ranks, step indexes inside the cached schedule) before ONNX Runtime sees them, so a wrong input is a clear
+error instead of an out-of-bounds Gather.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-
-import numpy as np
+from typing import Mapping
 
 from ..errors import UserError
+from ..signature import DeployedSignature
 
-INPUT_NAMES = ("sample", "timestep", "encoder_hidden_states")
+METADATA_SIGNATURE = "lowbit.signature"
+
+
+def read_signature(onnx_path: str | Path) -> DeployedSignature:
+    """The deployed signature written into an exported file's metadata by ``lowbit-deploy export``."""
+    import onnx
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise UserError(f"no ONNX model at {path}; run `lowbit-deploy export RUN_DIR` first")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf raises its own DecodeError types for truncated files
+        raise UserError(f"{path} is not a readable ONNX file ({error}); export it again") from None
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    if METADATA_SIGNATURE not in props:
+        raise UserError(f"{path} has no lowbit-deploy signature in its metadata; it was not written by "
+                        f"`lowbit-deploy export` (or by an older version): export it again")
+    return DeployedSignature.from_dict(json.loads(props[METADATA_SIGNATURE]))
 
 
 class OrtRunner:
-    """Loads lazily on first use; ``__call__`` takes and returns torch tensors (a ``denoise`` callable)."""
+    """Loads lazily on first use; ``__call__(feeds)`` takes and returns torch tensors (a sampling runner)."""
 
-    def __init__(self, onnx_path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, onnx_path: str | Path, threads: int | None = None,
+                 signature: DeployedSignature | None = None) -> None:
         self.onnx_path = Path(onnx_path)
-        if not self.onnx_path.is_file():
-            raise UserError(f"no ONNX model at {self.onnx_path}; run `lowbit-deploy export RUN_DIR` first")
+        self.signature = signature or read_signature(self.onnx_path)
         self.threads = threads
         self._session = None
 
@@ -33,17 +57,15 @@ class OrtRunner:
                 self._session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
             except Exception as error:  # ORT raises its own exception types for unreadable models
                 raise UserError(f"ONNX Runtime cannot load {self.onnx_path}: {error}") from None
+            names = tuple(item.name for item in self._session.get_inputs())
+            if names != self.signature.input_names:
+                raise UserError(f"{self.onnx_path} takes inputs {names}, but its signature says "
+                                f"{self.signature.input_names}; export it again")
         return self._session
 
-    def run_numpy(self, sample: np.ndarray, timestep: np.ndarray, encoder_hidden_states: np.ndarray) -> np.ndarray:
-        feeds = dict(zip(INPUT_NAMES, (sample, timestep, encoder_hidden_states)))
-        return self.session.run(None, feeds)[0]
-
-    def __call__(self, sample, timestep, encoder_hidden_states):
+    def __call__(self, feeds: Mapping[str, "torch.Tensor"]) -> "torch.Tensor":  # noqa: F821 - torch is lazy
         import torch
 
-        batch = sample.shape[0]
-        timestep = timestep.reshape(-1).float().expand(batch) if timestep.numel() == 1 else timestep.float()
-        output = self.run_numpy(sample.float().numpy(), timestep.contiguous().numpy(),
-                                encoder_hidden_states.float().numpy())
-        return torch.from_numpy(output)
+        self.signature.check_feeds(feeds)
+        arrays = {name: feeds[name].contiguous().numpy() for name in self.signature.input_names}
+        return torch.from_numpy(self.session.run(None, arrays)[0])

@@ -1,17 +1,23 @@
-"""A deterministic DDIM sampler over any denoiser (torch module, ONNX Runtime or TensorRT), and PSNR.
+"""A deterministic DDIM sampler over any runner (torch module, ONNX Runtime or TensorRT), and PSNR.
 
-The denoiser is a plain callable so the same loop drives the fp32 reference and every deployed backend: parity
-then compares final images produced from identical seeds, timesteps and conditions.
+A runner is a plain callable taking the deployed signature's named inputs, so the same loop drives the fp32
+reference and every deployed backend -- by timestep value or by step index, as the model's signature says -- and
+parity compares final images produced from identical seeds, timesteps and conditions.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..signature import DeployedSignature
+
+Runner = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 
 def _batched(states: torch.Tensor, batch: int) -> torch.Tensor:
@@ -22,33 +28,49 @@ def _batched(states: torch.Tensor, batch: int) -> torch.Tensor:
     raise ValueError(f"null conditions have batch {states.shape[0]}; expected 1 or {batch}")
 
 
-@torch.no_grad()
-def sample(denoise: Denoiser, cond: torch.Tensor, null: torch.Tensor | None, *, scheduler_config: dict,
-           num_steps: int, guidance_scale: float, seed: int, sample_shape: tuple[int, int, int]) -> torch.Tensor:
-    """Run DDIM (eta 0) for ``cond.shape[0]`` samples; returns ``[B, C, H, W]`` float32 clamped to [-1, 1].
-
-    ``denoise(latents, timesteps[B], encoder_hidden_states)`` returns the model output the scheduler's
-    ``prediction_type`` names. With ``null`` given and ``guidance_scale != 1`` each step runs conditional and
-    unconditional inputs as one batch of 2B (classifier-free guidance).
-    """
+def make_scheduler(scheduler_config: dict, num_steps: int):
+    """The inference scheduler (DDIM) set to ``num_steps``: the one schedule sampling and time caching share."""
     from diffusers import DDIMScheduler
 
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(num_steps)
+    return scheduler
+
+
+def schedule_timesteps(scheduler_config: dict, num_steps: int) -> list[int]:
+    """Timestep of each step index (index 0 = the first, noisiest step)."""
+    return [int(t) for t in make_scheduler(scheduler_config, num_steps).timesteps]
+
+
+@torch.no_grad()
+def sample(runner: Runner, signature: "DeployedSignature", cond: torch.Tensor, null: torch.Tensor | None, *,
+           scheduler_config: dict, num_steps: int, guidance_scale: float, seed: int) -> torch.Tensor:
+    """Run DDIM (eta 0) for ``cond.shape[0]`` samples; returns ``[B, C, H, W]`` float32 clamped to [-1, 1].
+
+    ``runner(feeds)`` returns the model output the scheduler's ``prediction_type`` names; ``feeds`` are built by
+    ``signature`` (a step index for models with cached time features, else the timestep value). With ``null`` given
+    and ``guidance_scale != 1`` each step runs conditional and unconditional inputs as one batch of 2B
+    (classifier-free guidance).
+    """
+    scheduler = make_scheduler(scheduler_config, num_steps)
+    timesteps = [int(t) for t in scheduler.timesteps]
+    if signature.step_timesteps and tuple(timesteps) != signature.step_timesteps:
+        raise UserError(f"this model's time features are cached for {signature.schedule} (timesteps "
+                        f"{list(signature.step_timesteps)[:4]}...); sampling with {num_steps} steps gives other "
+                        f"timesteps. Sample with {signature.num_steps} steps, or re-train with another schedule")
     batch = cond.shape[0]
     generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn((batch, *sample_shape), generator=generator, dtype=torch.float32)
+    latents = torch.randn((batch, *signature.sample_shape), generator=generator, dtype=torch.float32)
     latents = latents * scheduler.init_noise_sigma
     use_cfg = null is not None and guidance_scale != 1.0
     states = torch.cat([cond, _batched(null, batch).to(cond.dtype)]) if use_cfg else cond
-    for timestep in scheduler.timesteps:
+    for step_index, timestep in enumerate(scheduler.timesteps):
         model_input = torch.cat([latents, latents]) if use_cfg else latents
         model_input = scheduler.scale_model_input(model_input, timestep)
-        # A fresh contiguous tensor: ONNX Runtime / TensorRT bindings want dense int64 buffers, not views.
-        timesteps = torch.full((model_input.shape[0],), int(timestep), dtype=torch.long)
-        output = denoise(model_input, timesteps, states).float()
+        time = signature.time_feed(timestep, step_index, model_input.shape[0])
+        output = runner(signature.feeds(model_input, time, states)).float()
         if use_cfg:
             output_cond, output_null = output.chunk(2)
             output = output_null + guidance_scale * (output_cond - output_null)
@@ -56,13 +78,22 @@ def sample(denoise: Denoiser, cond: torch.Tensor, null: torch.Tensor | None, *, 
     return latents.clamp(-1.0, 1.0)
 
 
-def unet_denoiser(unet: torch.nn.Module) -> Denoiser:
-    """Adapt a diffusers UNet (``.sample`` output) to the ``denoise`` signature."""
+def unet_runner(unet: torch.nn.Module) -> Runner:
+    """Adapt a diffusers UNet (timestep input, ``.sample`` output) to the runner interface."""
 
-    def denoise(latents: torch.Tensor, timesteps: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
-        return unet(latents, timesteps, encoder_hidden_states=states).sample
+    def run(feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return unet(feeds["sample"], feeds["timestep"], encoder_hidden_states=feeds["encoder_hidden_states"]).sample
 
-    return denoise
+    return run
+
+
+def module_runner(module: torch.nn.Module, signature: "DeployedSignature") -> Runner:
+    """Adapt a module whose forward takes the signature's inputs positionally (the deployed UNet)."""
+
+    def run(feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return module(*(feeds[name] for name in signature.input_names))
+
+    return run
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, data_range: float = 2.0) -> float:

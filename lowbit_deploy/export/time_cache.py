@@ -1,0 +1,123 @@
+"""BitsFusion's cached time features: time-embedding outputs precomputed for every step of the inference schedule.
+
+The time-embedding MLP and each ResBlock's time projection only ever see the T timesteps of the schedule, so their
+outputs are computed once (with the model's own modules, at batch T) and stored as fp16 tables ``[T, features]``.
+The deployed graph then takes an int64 step index and gathers rows instead of running those layers:
+
+* ``time_proj`` (sinusoidal features) passes the step index through (the UNet casts it to float; exact for T < 2^24);
+* ``time_embedding`` becomes :class:`CachedTimeEmbedding`: it gathers the embedding row (used only by time
+  projections that are not cached) and publishes the index to the cached projections of this forward;
+* every cached ``*.time_emb_proj`` becomes :class:`CachedTimeProjection`, which ignores its input and gathers its row.
+
+The tables are the model's fp32 outputs rounded to fp16 (the stored type); the deployed model uses exactly those
+values, widened to fp32, in torch and in every runtime. Against the uncached model the difference is that rounding
+(relative 2^-11 at most per value), reported by export.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..quant.plan import TIME_EMBEDDING_PREFIX, LayerRole, QuantPlan
+from ..signature import DeployedSignature
+
+EMBEDDING_TABLE = "time_embedding"
+
+
+class StepContext:
+    """The step index of the forward in progress, shared by the cached modules of one UNet (not a module: it holds
+    no state of its own and must not be registered twice)."""
+
+    def __init__(self) -> None:
+        self.index: torch.Tensor | None = None
+
+
+class StepIndexProjection(nn.Module):
+    """Stands in for ``time_proj``: the UNet's "timesteps" are step indexes, passed through unchanged."""
+
+    def forward(self, step_index: torch.Tensor) -> torch.Tensor:
+        return step_index
+
+
+class CachedTimeEmbedding(nn.Module):
+    def __init__(self, table: torch.Tensor | None, context: StepContext, num_steps: int,
+                 width: int) -> None:
+        super().__init__()
+        # Without a consumer the embedding table is not stored; the output is then a zero row that nothing reads.
+        self.register_buffer("table", table if table is not None else torch.zeros(1, width, dtype=torch.float16))
+        self.has_table = table is not None
+        self.context = context
+        self.num_steps = num_steps
+
+    def forward(self, step_index: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        index = step_index.to(torch.int64)
+        if not torch.jit.is_tracing() and index.numel() and (int(index.min()) < 0 or
+                                                             int(index.max()) >= self.num_steps):
+            raise UserError(f"step index {index.tolist()} is out of range: time features are cached for "
+                            f"{self.num_steps} steps (indexes 0..{self.num_steps - 1})")
+        self.context.index = index
+        rows = index if self.has_table else torch.zeros_like(index)
+        return self.table.float().index_select(0, rows)
+
+
+class CachedTimeProjection(nn.Module):
+    def __init__(self, table: torch.Tensor, context: StepContext) -> None:
+        super().__init__()
+        self.register_buffer("table", table)
+        self.context = context
+
+    def forward(self, time_features: torch.Tensor) -> torch.Tensor:
+        del time_features  # the row is looked up by step index; the embedding it would be computed from is unused
+        if self.context.index is None:
+            raise RuntimeError("CachedTimeProjection ran before the time embedding published the step index")
+        return self.table.float().index_select(0, self.context.index)
+
+
+def _capture_outputs(unet: nn.Module, names: list[str], signature: DeployedSignature) -> dict[str, torch.Tensor]:
+    """Run the UNet once at batch T on the schedule's timesteps and record the named modules' outputs."""
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in names:
+        def record(module, args, output, name=name):
+            outputs[name] = output.detach().float()
+        hooks.append(unet.get_submodule(name).register_forward_hook(record))
+    timesteps = torch.tensor(signature.step_timesteps, dtype=torch.int64)
+    steps = len(timesteps)
+    try:
+        with torch.no_grad():
+            unet(torch.zeros(steps, *signature.sample_shape), timesteps,
+                 encoder_hidden_states=torch.zeros(steps, signature.seq_len, signature.cross_attention_dim))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs
+
+
+def compute_time_tables(unet: nn.Module, plan: QuantPlan, signature: DeployedSignature,
+                        dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """Tables ``[T, features]`` in the stored ``dtype``: one per cached time projection, plus the embedding's when
+    still consumed."""
+    cached = [layer.name for layer in plan.by_role(LayerRole.CACHED)
+              if not layer.name.startswith(TIME_EMBEDDING_PREFIX)]
+    width = plan.cached_table_rows() - sum(plan.decision(name).out_features for name in cached)
+    names = cached + ([EMBEDDING_TABLE] if width else [])
+    outputs = _capture_outputs(unet, names, signature)
+    return {name: value.to(dtype).contiguous() for name, value in outputs.items()}
+
+
+def install_time_cache(unet: nn.Module, plan: QuantPlan, signature: DeployedSignature,
+                       tables: dict[str, torch.Tensor]) -> None:
+    """Swap the time layers of ``unet`` for table lookups by step index (in place)."""
+    if not plan.caches_time:
+        return
+    context = StepContext()
+    width = unet.time_embedding.linear_2.out_features
+    unet.time_proj = StepIndexProjection()
+    unet.time_embedding = CachedTimeEmbedding(tables.get(EMBEDDING_TABLE), context, signature.num_steps, width)
+    for name, table in tables.items():
+        if name == EMBEDDING_TABLE:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent_name), child, CachedTimeProjection(table, context))
