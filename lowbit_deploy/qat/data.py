@@ -59,7 +59,12 @@ DATA_SOURCES: dict[DataSource, Callable[[object], BatchSampler]] = {
 }
 
 
-def make_sampler(source: DataSource, bundle) -> BatchSampler:
+def resolve_source(source: DataSource, bundle) -> DataSource:
+    """``auto`` is the embedded default's digits when the model has class prompts, else data-free gaussian."""
     if source is DataSource.AUTO:
-        source = DataSource.DIGITS if bundle.condition.num_classes is not None else DataSource.GAUSSIAN
-    return DATA_SOURCES[source](bundle)
+        return DataSource.DIGITS if bundle.condition.num_classes is not None else DataSource.GAUSSIAN
+    return source
+
+
+def make_sampler(source: DataSource, bundle) -> BatchSampler:
+    return DATA_SOURCES[resolve_source(source, bundle)](bundle)

@@ -1,9 +1,9 @@
-"""Quantization-aware training by distillation from the float teacher's noise prediction.
+"""Quantization-aware training: ``train()`` sets up a run (teacher, quantized student, plan, signature, stages,
+resume state) and hands it to the loop.
 
-Each step: draw clean samples and conditions, drop conditions to the null prompt with probability p (so
-classifier-free guidance keeps working), draw timesteps (uniform, or BitsFusion's Beta(3, 1) that favours large t
-where quantization error grows), noise the samples, and regress the quantized student's noise prediction onto the
-teacher's. AdamW over the student's latent weights and quantizer scales.
+Module map: stages.py (recipe -> resolved stages), step.py (one optimisation step), objectives.py (each stage's
+loss), optimizer.py (AdamW parameter groups), loop.py (stages in order), callbacks.py (checkpoints, progress,
+loss history), checkpoint.py (files), data.py (data sources).
 """
 
 from __future__ import annotations
@@ -12,25 +12,26 @@ import copy
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError
 from ..io import update_report
-from ..quant.apply import quantize_model
-from ..recipes import Recipe, TimestepSampling, TrainSection
+from ..quant.apply import apply_plan, plan_for
+from ..recipes import Recipe
+from .callbacks import CheckpointCallback, LossHistory, ProgressBar, TrainCallback
 from .checkpoint import (
     CHECKPOINT_DIRNAME,
+    TrainState,
     check_same_step,
     load_checkpoint,
-    load_train_state,
-    save_checkpoint,
-    save_train_state,
+    read_train_state,
+    restore_optimizer,
 )
-from .data import make_sampler
+from .data import resolve_source
+from .loop import TrainingRun, run_stages
+from .optimizer import make_optimizer
+from .stages import StagePlan, check_stage_data, resolve_stages
 
 
 @dataclass
@@ -43,26 +44,12 @@ class TrainResult:
     average_bits: float
     quantized_layers: int
     losses: list[float] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)
 
     def summary(self) -> dict:
         data = asdict(self)
         data.pop("losses")
         return data
-
-
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"mse": F.mse_loss, "l1": F.l1_loss}
-
-
-def sample_timesteps(config: TrainSection, batch: int, num_train_timesteps: int,
-                     generator: torch.Generator) -> torch.Tensor:
-    if config.timestep_sampling is TimestepSampling.BETA:
-        # torch's Beta sampler takes no generator; derive a numpy one from ours so runs and resumes stay seeded.
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        draws = np.random.default_rng(seed).beta(config.beta_alpha, config.beta_beta, size=batch)
-        fraction = torch.from_numpy(draws).float()
-    else:
-        fraction = torch.rand(batch, generator=generator)
-    return (fraction * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 
 def _resolved(model_path: str | None) -> str | None:
@@ -92,22 +79,50 @@ def _prepare(recipe: Recipe, model_path: str | None, run_dir: Path, resume: bool
     bundle = load_model(model_path, recipe.model.subfolder)
     teacher = bundle.unet.eval().requires_grad_(False)
     if checkpoint is not None:
-        student, plan = checkpoint.unet, checkpoint.plan
+        student, plan, signature = checkpoint.unet, checkpoint.plan, checkpoint.signature
     else:
+        from ..signature import deployed_signature
+
         student = copy.deepcopy(teacher)
-        plan = quantize_model(student, recipe.quantize).to_dict()
+        plan = plan_for(student, recipe.quantize, source=f"recipe {recipe.name}")
+        apply_plan(student, plan, scale_init=recipe.quantize.scale_init,
+                   iterations=recipe.quantize.scale_init_iterations)
+        signature = deployed_signature(student, bundle.condition.seq_len, plan, bundle.scheduler_config,
+                                       recipe.schedule)
     student.train().requires_grad_(True)
-    return bundle, teacher, student, plan, model_path, checkpoint.step if checkpoint else 0
+    return bundle, teacher, student, plan, signature, model_path, checkpoint.step if checkpoint else 0
+
+
+def _resume_into(run: TrainingRun, state: TrainState, run_dir: Path) -> None:
+    """Put ``run`` where the saved train state left it: step, generator, and the stage in progress's optimizer.
+
+    The position comes from this invocation's stages, not the one recorded: a single-stage run stopped by
+    ``--steps`` recorded the end of its shortened stage and continues inside the recipe's longer one, with its
+    optimizer. (Staged recipes must match exactly, so both agree there.)
+    """
+    stage_index, stage_step = run.plan.position(state.step)
+    run.step = state.step
+    run.generator.set_state(state.generator_state)
+    if stage_step > 0:
+        stage = run.plan.stages[stage_index]
+        run.stage, run.optimizer = stage, make_optimizer(run.student, stage.lr, run.weight_decay)
+        restore_optimizer(run.optimizer, state, run_dir)
 
 
 def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None, steps: int | None = None,
-          resume: bool = False, progress: bool = True) -> TrainResult:
-    """Run QAT for ``recipe`` into ``run_dir`` (checkpoint written atomically every ``checkpoint_every`` steps)."""
+          resume: bool = False, progress: bool = True,
+          callbacks: tuple[TrainCallback, ...] = ()) -> TrainResult:
+    """Run QAT for ``recipe`` into ``run_dir``: the recipe's stages in order (checkpoint written atomically every
+    ``checkpoint_every`` global steps and at the end).
+
+    ``steps`` (``--steps``) replaces ``train.steps`` of a single-stage recipe and caps the total steps of a staged
+    one; ``resume`` continues the checkpoint in ``run_dir`` bit-identically (also across stage boundaries).
+    ``callbacks`` run after the built-in ones (loss history, checkpoints, progress bar).
+    """
     from diffusers import DDPMScheduler
-    from tqdm.auto import tqdm
 
     config = recipe.train
-    total_steps = config.steps if steps is None else steps
+    stage_plan: StagePlan = resolve_stages(config, steps)
     run_dir = Path(run_dir)
     if not resume and (run_dir / CHECKPOINT_DIRNAME).exists():
         raise UserError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose a new --out")
@@ -115,57 +130,24 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    bundle, teacher, student, plan, model_path, checkpoint_step = _prepare(recipe, model_path, run_dir, resume)
-    start_step = 0
-    sampler = make_sampler(config.data, bundle)
-    seq_len = bundle.condition.seq_len
-    noise_scheduler = DDPMScheduler.from_config(bundle.scheduler_config)
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
+    bundle, teacher, student, plan, signature, model_path, checkpoint_step = _prepare(recipe, model_path, run_dir,
+                                                                                      resume)
+    check_stage_data(stage_plan, lambda source: resolve_source(source, bundle))
+    run = TrainingRun(student, teacher, bundle, DDPMScheduler.from_config(bundle.scheduler_config),
+                      torch.Generator().manual_seed(config.seed), stage_plan, config.batch_size, config.weight_decay)
+    state = None
     if resume:
-        start_step = load_train_state(run_dir, optimizer, generator)
-        check_same_step(checkpoint_step, start_step, run_dir)
-    loss_fn = LOSSES[config.loss]
-    losses: list[float] = []
+        state = read_train_state(run_dir)
+        check_same_step(checkpoint_step, state.step, run_dir)
+        _resume_into(run, state, run_dir)
+    history = LossHistory(stage_plan, state.history if state else None)
+    checkpoints = CheckpointCallback(run_dir, recipe, model_path, plan, signature, config.checkpoint_every, history)
     started = time.perf_counter()
-    bar = tqdm(range(start_step, total_steps), desc="QAT", disable=not progress, initial=start_step,
-               total=total_steps)
-    for step in bar:
-        batch = sampler(config.batch_size, generator)
-        drop = torch.rand(config.batch_size, generator=generator) < config.condition_drop_prob
-        conditions = torch.where(drop[:, None, None], bundle.condition.null(config.batch_size),
-                                 batch.encoder_hidden_states)
-        timesteps = sample_timesteps(config, config.batch_size, num_train_timesteps, generator)
-        noise = torch.randn(batch.x0.shape, generator=generator)
-        noisy = noise_scheduler.add_noise(batch.x0, noise, timesteps)
-        with torch.no_grad():
-            target = teacher(noisy, timesteps, conditions).sample
-        loss = loss_fn(student(noisy, timesteps, conditions).sample, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.5f}")
-        done = step + 1
-        if done % config.checkpoint_every == 0 and done < total_steps:
-            save_checkpoint(run_dir, student, recipe, model_path, done, plan, seq_len)
-            save_train_state(run_dir, optimizer, done, generator)
-    student.eval()
-    checkpoint = save_checkpoint(run_dir, student, recipe, model_path, max(total_steps, start_step), plan,
-                                 seq_len)
-    save_train_state(run_dir, optimizer, max(total_steps, start_step), generator)
-    result = TrainResult(str(checkpoint), total_steps, time.perf_counter() - started,
-                         losses[0] if losses else None, losses[-1] if losses else None, plan["average_bits"],
-                         len(plan["layers"]), losses)
-    update_report(run_dir, "train", {**result.summary(), "plan": _plan_summary(plan)})
+    run_stages(run, [history, checkpoints, ProgressBar(progress), *callbacks])
+    losses = [step.total for step in history.losses]
+    result = TrainResult(str(checkpoints.checkpoint), run.step, time.perf_counter() - started,
+                         losses[0] if losses else None, losses[-1] if losses else None,
+                         plan.average_bits(signature.num_steps), len(plan.quantized), losses, history.summary())
+    update_report(run_dir, "train", {**result.summary(), "plan": plan.summary(signature.num_steps),
+                                     "signature": signature.to_dict()})
     return result
-
-
-def _plan_summary(plan: dict) -> dict:
-    by_bits: dict[str, int] = {}
-    for layer in plan["layers"]:
-        key = f"{layer['grid_kind']}-{layer['bits']}bit"
-        by_bits[key] = by_bits.get(key, 0) + 1
-    return {"layers_by_grid": by_bits, "quantized_params": plan["quantized_params"],
-            "float_params": plan["float_params"], "average_bits": round(plan["average_bits"], 4)}

@@ -29,10 +29,14 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``factor`` (LSQ's step-size gradient scale)."""
-    scaled = x * factor
-    return (x - scaled).detach() + scaled
+def with_gradient_of(value: torch.Tensor, carrier: torch.Tensor) -> torch.Tensor:
+    """``value`` exactly (bit for bit), with the gradient ``carrier`` receives.
+
+    ``carrier - carrier.detach()`` is exactly 0 for every finite float and ``value + 0`` is ``value``, so no
+    rounding can creep into the forward pass -- unlike ``(x - x*f).detach() + x*f``, which differs from ``x`` by an
+    ulp in some channels and then rounds to another float16 scale than the deployed one.
+    """
+    return value + (carrier - carrier.detach())
 
 
 class WeightQuantizer(nn.Module):
@@ -63,9 +67,10 @@ class WeightQuantizer(nn.Module):
         return q.clamp(self.grid.qmin, self.grid.qmax).to(torch.int64)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        scale = grad_scale(self.scale.clamp_min(MIN_SCALE), self._grad_factor)
-        scale16 = scale + (scale.to(torch.float16).to(scale.dtype) - scale).detach()
-        scale16 = self._broadcast(scale16)
+        # Value: the deployed float16 scale. Gradient: straight through the float16 rounding and the clamp, scaled
+        # by LSQ's factor.
+        carrier = self.scale.clamp_min(MIN_SCALE) * self._grad_factor
+        scale16 = self._broadcast(with_gradient_of(self.deployed_scale(), carrier))
         q = torch.clamp(round_ste(weight / scale16), self.grid.qmin, self.grid.qmax)
         return q * scale16
 
@@ -95,7 +100,7 @@ class QuantLinear(nn.Linear, QuantizedLayer):
         return F.linear(x, self.quantized_weight(), self.bias)
 
 
-def _reclassed(cls: type[nn.Module], layer: nn.Module) -> nn.Module:
+def reclassed(cls: type[nn.Module], layer: nn.Module) -> nn.Module:
     """A new module of ``cls`` sharing ``layer``'s attributes, parameters, buffers and submodules."""
     module = cls.__new__(cls)
     module.__dict__.update(layer.__dict__)
@@ -107,7 +112,7 @@ def _reclassed(cls: type[nn.Module], layer: nn.Module) -> nn.Module:
 
 def _from_float(quant_cls: type[nn.Module], layer: nn.Module, grid: IntegerGrid) -> QuantizedLayer:
     """The quantized twin of a float layer: same parameters (shared), plus a quantizer."""
-    quantized = _reclassed(quant_cls, layer)
+    quantized = reclassed(quant_cls, layer)
     quantized.weight_quantizer = WeightQuantizer(layer.weight.shape, grid).to(layer.weight.device)
     return quantized
 
@@ -115,7 +120,7 @@ def _from_float(quant_cls: type[nn.Module], layer: nn.Module, grid: IntegerGrid)
 def deployed_float_layer(layer: QuantizedLayer) -> nn.Module:
     """The plain float layer (the quantized class's float base) holding the deployed, dequantized weight."""
     float_type = next(base for base in type(layer).__mro__[1:] if base in QUANTIZABLE_LAYERS)
-    plain = _reclassed(float_type, layer)
+    plain = reclassed(float_type, layer)
     del plain._modules["weight_quantizer"]
     plain.weight = nn.Parameter(layer.weight_quantizer.dequantized_weight(layer.weight), requires_grad=False)
     return plain

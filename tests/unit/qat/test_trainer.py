@@ -1,10 +1,12 @@
+import json
+
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from lowbit_deploy.errors import UserError
 from lowbit_deploy.qat.checkpoint import CHECKPOINT_DIRNAME, WEIGHTS_FILE, load_checkpoint
-from lowbit_deploy.qat.trainer import sample_timesteps, train
+from lowbit_deploy.qat.trainer import train
 from lowbit_deploy.quant.apply import quantized_layers
 from lowbit_deploy.recipes import parse_recipe
 
@@ -73,18 +75,6 @@ def test_foreign_safetensors_file_is_not_taken_for_a_checkpoint(tmp_path):
         load_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("sampling", ["uniform", "beta"])
-def test_timestep_sampling_is_seeded_and_in_range(tiny_recipe_dict, sampling):
-    tiny_recipe_dict["train"]["timestep_sampling"] = sampling
-    config = parse_recipe(tiny_recipe_dict).train
-    draws = [sample_timesteps(config, 4096, 1000, torch.Generator().manual_seed(3)) for _ in range(2)]
-    assert torch.equal(draws[0], draws[1])
-    assert draws[0].min() >= 0 and draws[0].max() <= 999
-    mean = draws[0].float().mean().item()
-    # Beta(3, 1) has mean 3/4: it favours the noisy end, where quantization error grows.
-    assert mean == pytest.approx(750 if sampling == "beta" else 500, abs=25)
-
-
 def test_recipe_matching_no_layer_writes_nothing(tmp_path, tiny_model_dir, tiny_recipe_dict):
     tiny_recipe_dict["quantize"]["layers"] = [{"pattern": "nothing.matches.*", "bits": 2}]
     with pytest.raises(UserError, match="matched no quantizable layer"):
@@ -115,3 +105,58 @@ def test_resume_uses_the_recorded_teacher_and_refuses_another_recipe(tmp_path, t
     tiny_recipe_dict["quantize"]["layers"][-1]["bits"] = 3
     with pytest.raises(UserError, match="differ"):
         _train(tiny_recipe_dict, tiny_model_dir, tmp_path / "run", resume=True)
+
+
+def _all_tensors(run_dir):
+    """Every tensor a run leaves behind: the student's weights and scales, optimizer moments, generator state."""
+    from lowbit_deploy.qat.checkpoint import TRAIN_STATE_FILE
+
+    folder = run_dir / CHECKPOINT_DIRNAME
+    weights = {f"weights/{k}": v for k, v in load_file(str(folder / WEIGHTS_FILE)).items()}
+    return {**weights, **{f"train_state/{k}": v for k, v in load_file(str(folder / TRAIN_STATE_FILE)).items()}}
+
+
+def test_two_stage_resume_is_bit_identical_within_and_across_stages(tmp_path, tiny_digits_model_dir,
+                                                                     two_stage_recipe_dict):
+    two_stage_recipe_dict["train"]["checkpoint_every"] = 100
+    _train(two_stage_recipe_dict, tiny_digits_model_dir, tmp_path / "straight")
+    straight = _all_tensors(tmp_path / "straight")
+    assert any(name.startswith("train_state/optimizer.") for name in straight)
+    # Interrupted in stage I, exactly at the stage boundary, and in stage II (stages of 2 + 2 steps).
+    for interrupted_at in (1, 2, 3):
+        run = tmp_path / f"interrupted-{interrupted_at}"
+        _train(two_stage_recipe_dict, tiny_digits_model_dir, run, steps=interrupted_at)
+        assert load_checkpoint(run).step == interrupted_at
+        result = _train(two_stage_recipe_dict, tiny_digits_model_dir, run, resume=True)
+        assert result.steps == 4 and len(result.losses) == 4 - interrupted_at
+        resumed = _all_tensors(run)
+        assert resumed.keys() == straight.keys()
+        for name, tensor in straight.items():
+            assert torch.equal(tensor, resumed[name]), f"{name} differs after resuming at step {interrupted_at}"
+
+
+def test_the_report_lists_every_stage_also_after_a_resume(tmp_path, tiny_digits_model_dir, two_stage_recipe_dict):
+    run = tmp_path / "run"
+    _train(two_stage_recipe_dict, tiny_digits_model_dir, run, steps=3)
+    result = _train(two_stage_recipe_dict, tiny_digits_model_dir, run, resume=True)
+    report = json.loads((run / "report.json").read_text())["train"]
+    assert report["stages"] == result.stages
+    distill, noise = report["stages"]
+    assert (distill["stage"], distill["steps"], distill["steps_done"], distill["loss"]) == ("1-distill", 2, 2, "l1")
+    assert (noise["stage"], noise["steps"], noise["steps_done"], noise["lr"]) == ("2-noise", 2, 2, 5e-5)
+    for stage in (distill, noise):
+        assert stage["seconds"] > 0 and stage["first_loss"] > 0 and stage["last_loss"] > 0
+    # Stage I's total is the prediction term plus 0.5 x the feature term; Stage II has no feature term.
+    assert distill["first_feature_loss"] > 0
+    expected = distill["first_prediction_loss"] + 0.5 * distill["first_feature_loss"]
+    assert distill["first_loss"] == pytest.approx(expected, rel=1e-5)
+    assert "first_feature_loss" not in noise and noise["last_loss"] == noise["last_prediction_loss"]
+    # The resumed invocation ran stage II's last step only; the stage summary still starts at its first step.
+    assert result.first_loss == noise["last_loss"] != noise["first_loss"]
+
+
+def test_a_noise_stage_on_data_free_samples_is_refused_before_writing(tmp_path, tiny_model_dir,
+                                                                      two_stage_recipe_dict):
+    with pytest.raises(UserError, match="needs real data"):
+        _train(two_stage_recipe_dict, tiny_model_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

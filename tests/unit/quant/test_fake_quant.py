@@ -107,3 +107,52 @@ def test_deployed_float_layer_is_the_plain_type_with_dequantized_weight(layer):
     assert type(plain) is type(layer) and "weight_quantizer" not in dict(plain.named_children())
     assert torch.equal(plain.weight, quantized.weight_quantizer.dequantized_weight(quantized.weight))
     assert quantized.weight is layer.weight  # the quantized layer keeps its latent weight
+
+
+
+def _scales_across_magnitudes(count: int) -> torch.Tensor:
+    """Log-uniform float32 scales over the usable range, plus every few float16 rounding ties and their float32
+    neighbours: there, an ulp of error in the training forward picks another float16 scale than the artifact."""
+    from lowbit_deploy.quant.fake_quant import MIN_SCALE
+
+    generator = torch.Generator().manual_seed(0)
+    exponents = torch.empty(count).uniform_(float(np.log2(MIN_SCALE)) + 0.01, 10.0, generator=generator)
+    bits = torch.arange(0x0400, 0x6400, 3, dtype=torch.int16)  # float16 2^-14 .. 1024
+    lower, upper = bits.view(torch.float16).float(), (bits + 1).view(torch.float16).float()
+    ties = (lower + upper) / 2  # exact in float32
+    neighbours = [torch.nextafter(ties, torch.zeros_like(ties)), ties, torch.nextafter(ties, upper)]
+    return torch.cat([torch.exp2(exponents), *neighbours])
+
+
+@pytest.mark.parametrize("grid", [IntegerGrid(GridKind.BALANCED, 2), IntegerGrid(GridKind.SIGNED, 8)],
+                         ids=lambda g: f"{g.kind.value}{g.bits}")
+def test_forward_uses_the_deployed_scale_in_every_channel_and_lsq_gradient(grid):
+    scales = _scales_across_magnitudes(1_000_000)
+    assert scales.numel() >= 1_000_000
+    per_channel = 3
+    quantizer = WeightQuantizer((scales.numel(), per_channel), grid)
+    with torch.no_grad():
+        quantizer.scale.copy_(scales)
+    generator = torch.Generator().manual_seed(1)
+    # Codes from below qmin to above qmax, so both the in-range and the clipped gradient branches are exercised.
+    levels = torch.empty(scales.numel(), per_channel).uniform_(grid.qmin - 1.5, grid.qmax + 1.5, generator=generator)
+    weight = levels * scales[:, None]
+    upstream = torch.randn(weight.shape, generator=generator)
+
+    effective = quantizer(weight)
+    (effective * upstream).sum().backward()
+
+    deployed = quantizer.dequantized_weight(weight)
+    mismatched = (effective.detach().view(torch.int32) != deployed.view(torch.int32)).any(dim=1)
+    assert not mismatched.any(), f"{int(mismatched.sum())} channels, e.g. scale {scales[mismatched][:3].tolist()}"
+    # LSQ: d(q * s)/ds = round(w/s) - w/s inside the grid, the clipped level outside; times 1/sqrt(numel * max_level).
+    scale16 = quantizer.deployed_scale().double()[:, None]
+    ratio = weight.double() / scale16
+    rounded = torch.round(ratio)
+    inside = (rounded >= grid.qmin) & (rounded <= grid.qmax)
+    per_weight = torch.where(inside, rounded - ratio, rounded.clamp(grid.qmin, grid.qmax))
+    factor = 1.0 / np.sqrt(per_channel * grid.max_abs_level)
+    expected = factor * (per_weight * upstream.double()).sum(dim=1)
+    # float32 autograd cancels in round(x) - x: its error grows with the level magnitude, not with the result.
+    float32_cancellation = 8 * 2.0**-23 * factor * per_channel * (grid.max_abs_level + 2)
+    torch.testing.assert_close(quantizer.scale.grad.double(), expected, rtol=1e-5, atol=float32_cancellation)
