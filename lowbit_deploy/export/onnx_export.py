@@ -180,5 +180,22 @@ def export_run(run_dir: str | Path) -> ExportReport:
                          signature=checkpoint.signature, opset=config.opset, options=options,
                          fp16_reference_path=run_dir / "model_fp16.onnx" if config.export_fp16_reference else None,
                          inplace=True)
-    update_report(run_dir, "export", {**report.to_dict(), "signature": checkpoint.signature.describe()})
+    entry = {**report.to_dict(), "signature": checkpoint.signature.describe()}
+    if checkpoint.signature.step_timesteps:
+        entry["time_cache_png"] = str(_write_time_cache_png(run_dir / "model.onnx", run_dir / "time_cache.png"))
+    update_report(run_dir, "export", entry)
     return report
+
+
+def _write_time_cache_png(onnx_path: Path, png_path: Path) -> Path:
+    """Render the cached tables as stored in the exported file (what the graph gathers by step index)."""
+    from onnx import numpy_helper
+
+    from ..runtime.ort import read_signature
+    from ..validate.report import write_time_table_png
+
+    model = onnx.load(str(onnx_path))
+    tables = {init.name: torch.from_numpy(numpy_helper.to_array(init).astype(np.float32))
+              for init in model.graph.initializer if init.name.endswith(".table") and init.dims[0] > 1}
+    write_time_table_png(png_path, tables, read_signature(onnx_path).step_timesteps)
+    return png_path

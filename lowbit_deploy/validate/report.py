@@ -50,6 +50,27 @@ def write_sample_grid(path: Path, panels: list[tuple[str, torch.Tensor]], column
         sheet.save(tmp, format="PNG")
 
 
+def write_time_table_png(path: Path, tables: dict[str, torch.Tensor], step_timesteps: tuple[int, ...],
+                         cell: int = 2, row_height: int = 12, label_width: int = 80) -> None:
+    """The cached time features as the deployed graph gathers them: one row per step index (labelled with its
+    timestep), every cached value a cell (dark = negative, light = positive, scaled per table)."""
+    from PIL import Image, ImageDraw
+
+    columns = [(table.float() / table.float().abs().amax().clamp_min(1e-12)) for table in tables.values()]
+    values = torch.cat(columns, dim=1)  # [T, features], each table scaled to [-1, 1]
+    steps, features = values.shape
+    pixels = ((values + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    heat = Image.fromarray(pixels, mode="L").resize((features * cell, steps * row_height), Image.NEAREST)
+    sheet = Image.new("RGB", (label_width + heat.width, heat.height + _LABEL_HEIGHT), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((2, 1), f"cached time features: {len(tables)} tables, {features} values per step (fp16)", fill="black")
+    sheet.paste(heat.convert("RGB"), (label_width, _LABEL_HEIGHT))
+    for index, timestep in enumerate(step_timesteps):
+        draw.text((2, _LABEL_HEIGHT + index * row_height), f"i={index} t={timestep}", fill="black")
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
@@ -71,6 +92,10 @@ def render_markdown(report: dict) -> str:
                 lines.append(f"| {item['artifact']} | {item['status']} | " + " | ".join(
                     _fmt(stats.get(key, "-")) for key in ("max_abs", "max_rel", "cosine", "sqnr_db")) + " |")
                 lines += [f"  - {failure}" for failure in item["failures"]]
+            rounding = entry.get("deployment_rounding")
+            if rounding:
+                lines += ["", f"Deployment rounding (trained vs deployed torch, informative): max abs "
+                              f"{_fmt(rounding['max_abs'])}, SQNR {_fmt(rounding['sqnr_db'])} dB - {rounding['what']}"]
             lines += ["", "Sampling:", ""]
             lines += [f"- {key}: {_fmt(value)}" for key, value in entry["sampling"].items()]
             if "grid_png" in entry["sampling"]:
