@@ -18,6 +18,10 @@ from .errors import UserError
 
 RECIPE = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+PLUGIN = click.option("--plugin", type=click.Choice(["cpp", "python"]), default="cpp", show_default=True,
+                      help="UnpackDequantize creators that build the engine: the C++ plugin library (loadable by C++ "
+                           "apps; build it with `make -C plugins tensorrt`) or the Python plugin (fallback; engines "
+                           "are byte-identical).")
 
 
 def _command_line() -> str:
@@ -66,7 +70,8 @@ def main() -> None:
 @click.option("--model", "model_path", default=None,
               help="Local diffusers checkpoint folder (overrides the recipe's model.path; default: embedded model).")
 @click.option("--steps", type=click.IntRange(min=0), default=None,
-              help="Override train.steps (0 = post-training quantization only).")
+              help="Override train.steps (0 = post-training quantization only). With train.stages: stop after N "
+                   "steps in total (stages in order); --resume without it continues to the end.")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint already in --out from its last saved step.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 @stage
@@ -105,14 +110,16 @@ def export(run_dir: Path) -> bool:
                    "(default: the recipe's build.compute_capabilities).")
 @click.option("--fp16-reference/--no-fp16-reference", default=True,
               help="Also build an engine from model_fp16.onnx to report the size ratio.")
+@PLUGIN
 @stage
-def build(run_dir: Path, compute_capabilities: tuple[str, ...], fp16_reference: bool) -> bool:
+def build(run_dir: Path, compute_capabilities: tuple[str, ...], fp16_reference: bool, plugin: str) -> bool:
     """Build RUN_DIR/model.engine (TensorRT, or TensorRT-RTX ahead of time) with low-bit plugin layers."""
     from .pipeline import build_run
 
-    report = build_run(run_dir, list(compute_capabilities) or None, fp16_reference).report
+    report = build_run(run_dir, list(compute_capabilities) or None, fp16_reference, plugin=plugin).report
     click.echo(f"engine: {report['engine_path']}  {report['engine_bytes']:,} bytes, "
-               f"{report['plugin_layers']} plugin layers, backend {report['backend']}")
+               f"{report['plugin_layers']} plugin layers, backend {report['backend']}, {report['plugin']} plugin"
+               + (f" ({report['plugin_library']})" if report.get("plugin_library") else ""))
     if "fp16_engine_bytes" in report:
         click.echo(f"fp16 engine: {report['fp16_engine_bytes']:,} bytes  (packed is "
                    f"{report['size_ratio_vs_fp16_engine']:.2f}x smaller)")
@@ -127,7 +134,9 @@ def build(run_dir: Path, compute_capabilities: tuple[str, ...], fp16_reference: 
 @click.option("--min-sqnr-db", type=float, default=None, help="Min signal-to-quantization-noise ratio (dB).")
 @click.option("--min-psnr-db", type=float, default=None, help="Min PSNR of ORT vs PyTorch samples (dB).")
 @click.option("--samples", type=int, default=None, help="Number of samples in the sampling comparison.")
-@click.option("--sampling-steps", type=int, default=None, help="Scheduler steps in the sampling comparison.")
+@click.option("--sampling-steps", type=int, default=None,
+              help="Scheduler steps in the sampling comparison (default: the recipe's; a model with cached time "
+                   "features samples its own schedule).")
 @click.option("--skip-sampling", is_flag=True, help="Only compare outputs, no end-to-end sampling.")
 @stage
 def validate(run_dir: Path, max_abs, max_rel, min_cosine, min_sqnr_db, min_psnr_db, samples, sampling_steps,
@@ -136,10 +145,10 @@ def validate(run_dir: Path, max_abs, max_rel, min_cosine, min_sqnr_db, min_psnr_
 
     Tolerances default to the recipe's validate section; flags override them.
     """
-    from .qat.checkpoint import load_checkpoint
+    from .qat.checkpoint import checkpoint_recipe
     from .validate.parity import validate_run
 
-    config = load_checkpoint(run_dir).recipe.validate_
+    config = checkpoint_recipe(run_dir).validate_
     tolerance_overrides = {k: v for k, v in dict(max_abs=max_abs, max_rel=max_rel, min_cosine=min_cosine,
                                                  min_sqnr_db=min_sqnr_db).items() if v is not None}
     sampling_overrides = {k: v for k, v in dict(min_psnr_db=min_psnr_db, num_samples=samples,
@@ -180,13 +189,15 @@ def _print_validation(report: dict) -> None:
 @click.option("--model", "model_path", default=None, help="Local diffusers checkpoint folder to quantize.")
 @click.option("--steps", type=click.IntRange(min=0), default=None, help="Override train.steps.")
 @click.option("--build/--no-build", default=True, help="Build the TensorRT engine (needs TensorRT or TensorRT-RTX).")
+@PLUGIN
 @click.option("--progress/--no-progress", default=True)
 @stage
-def run(recipe: Path, run_dir: Path, model_path, steps, build: bool, progress: bool) -> bool:
+def run(recipe: Path, run_dir: Path, model_path, steps, build: bool, plugin: str, progress: bool) -> bool:
     """All stages in one RUN_DIR: train -> export -> build -> validate; writes report.json, report.md, samples.png."""
     from .pipeline import run_pipeline
 
-    summary = run_pipeline(recipe, run_dir, model_path=model_path, steps=steps, progress=progress, build=build)
+    summary = run_pipeline(recipe, run_dir, model_path=model_path, steps=steps, progress=progress, build=build,
+                           plugin=plugin)
     click.echo(f"train: {json.dumps(summary['train'])}")
     export_report = summary["export"]
     click.echo(f"export: {export_report['onnx_bytes']:,} bytes packed ONNX" + (
@@ -195,10 +206,36 @@ def run(recipe: Path, run_dir: Path, model_path, steps, build: bool, progress: b
     build_report = summary["build"]
     click.echo("build: " + (build_report["status"] if build_report["status"] != "built" else
                             f"{build_report['engine_bytes']:,} bytes engine, {build_report['plugin_layers']} plugin "
-                            f"layers"))
+                            f"layers ({build_report['plugin']} plugin)"))
     _print_validation(summary["validate"])
     click.echo(f"report: {run_dir / 'report.md'}")
     return summary["validate"]["passed"]
+
+
+@main.command()
+@RECIPE
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for plan.json, sensitivity.json, report.md and the plot; finished candidates are "
+                   "cached there, so re-running resumes.")
+@click.option("--model", "model_path", default=None,
+              help="Local diffusers checkpoint folder (overrides the recipe's model.path; default: embedded model).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Parallel processes measuring candidates (overrides analyze.workers).")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@stage
+def analyze(recipe: Path, out_dir: Path, model_path: str | None, workers: int | None, progress: bool) -> bool:
+    """BitsFusion's sensitivity analysis of RECIPE's model: a mixed-precision plan (OUT/plan.json) at the recipe's
+    analyze.target_average_bits, for `quantize: {plan: ...}` in a training recipe."""
+    from .analyze import analyze as run_analysis
+    from .recipes import load_recipe
+
+    result = run_analysis(load_recipe(recipe), out_dir, model_path=model_path, workers=workers, progress=progress)
+    click.echo(f"plan: {result.plan_path}  ({result.average_bits:.4f} average bits, target {result.target}; "
+               f"S_o={result.assignment.threshold:.4g}; {result.computed} of {result.candidates} candidates "
+               f"measured now)")
+    click.echo(f"semantic metric: {result.metric}")
+    click.echo(f"report: {out_dir / 'report.md'}")
+    return True
 
 
 if __name__ == "__main__":  # pragma: no cover

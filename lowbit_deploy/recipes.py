@@ -27,17 +27,19 @@ class _Strict(BaseModel):
 
 
 class LayerRule(_Strict):
-    """One rule: modules whose qualified name matches ``pattern`` get ``bits`` on ``grid``, or stay float."""
+    """One rule: modules whose qualified name matches ``pattern`` get ``bits`` on ``grid``, stay float, or (time
+    layers only) become tables cached for every step of the inference schedule."""
 
     pattern: str
     bits: Optional[Annotated[int, Field(ge=MIN_BITS, le=MAX_BITS)]] = None
     grid: GridKind = GridKind.BALANCED
     keep_float: bool = False
+    cache: bool = False
 
     @model_validator(mode="after")
     def _bits_or_float(self) -> "LayerRule":
-        if self.keep_float == (self.bits is not None):
-            raise ValueError(f"rule {self.pattern!r}: give either `bits` or `keep_float: true`, exactly one")
+        if [self.bits is not None, self.keep_float, self.cache].count(True) != 1:
+            raise ValueError(f"rule {self.pattern!r}: give exactly one of `bits`, `keep_float: true`, `cache: true`")
         if self.bits == 1 and self.grid is GridKind.SIGNED:
             raise ValueError(f"rule {self.pattern!r}: a signed 1-bit grid is {{-1, 0}} and zeroes every positive "
                              f"weight; use `grid: balanced` ({{-1, 0, 1}}) for 1 bit")
@@ -54,13 +56,32 @@ class ModelSection(_Strict):
 
 
 class QuantizeSection(_Strict):
-    layers: list[LayerRule] = Field(min_length=1)
+    layers: list[LayerRule] = Field(default_factory=list)
+    plan: Optional[str] = Field(None, description="a plan file from `lowbit-deploy analyze` (path relative to the "
+                                                  "recipe); it decides every layer and replaces `layers`")
     scale_init: ScaleInit = ScaleInit.ALTERNATING
     scale_init_iterations: Annotated[int, Field(ge=0, le=1000)] = 10
+
+    @model_validator(mode="after")
+    def _rules_or_plan(self) -> "QuantizeSection":
+        if bool(self.layers) == bool(self.plan):
+            raise ValueError("give either `layers` (pattern rules) or `plan` (a plan file), exactly one")
+        return self
 
     def rule_for(self, module_name: str) -> Optional[LayerRule]:
         """The first rule whose pattern matches ``module_name``; None when no rule matches (layer stays float)."""
         return next((rule for rule in self.layers if fnmatch.fnmatchcase(module_name, rule.pattern)), None)
+
+
+class ScheduleSection(_Strict):
+    """The inference schedule the model is deployed for: cached time tables hold one row per step, and sampling
+    (validate, analyze) runs it."""
+
+    scheduler: Literal["ddim"] = "ddim"
+    num_steps: Annotated[int, Field(ge=1, le=1000)] = 20
+
+    def describe(self) -> str:
+        return f"{self.scheduler}, {self.num_steps} steps"
 
 
 class TimestepSampling(str, Enum):
@@ -74,25 +95,84 @@ class DataSource(str, Enum):
     GAUSSIAN = "gaussian"
 
 
+class StageKind(str, Enum):
+    """BitsFusion's training stages; lowbit_deploy/qat/objectives.py holds the loss of each."""
+
+    DISTILL = "distill"  # Stage I: match the float teacher's noise prediction (and its block outputs)
+    NOISE = "noise"      # Stage II: predict the true noise added to real data
+
+
+LossKind = Literal["mse", "l1"]
+_Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_BetaParameter = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_Probability = Annotated[float, Field(ge=0, le=1)]
+
+# Defaults of a recipe without `train.stages` (one distillation stage, as before stages existed).
+SINGLE_STAGE_STEPS = 300
+SINGLE_STAGE_LOSS = "mse"
+# Defaults of an explicit stage, by kind: BitsFusion's Stage I is |eps_fp - eps_q| + 0.01 * L_feat; Stage II is
+# the plain (squared-error) diffusion loss.
+STAGE_LOSS = {StageKind.DISTILL: "l1", StageKind.NOISE: "mse"}
+FEATURE_WEIGHT = 0.01
+
+
+class TrainStage(_Strict):
+    """One training stage. Unset keys fall back to the train section's value (lr, timestep sampling, condition
+    dropping, data) or to the stage kind's default (loss, feature_weight)."""
+
+    kind: StageKind
+    steps: Annotated[int, Field(ge=1)]
+    lr: Optional[_Rate] = None
+    loss: Optional[LossKind] = None
+    feature_weight: Optional[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
+        None, description="distill only: weight of the block-output distillation term; 0 switches it off")
+    timestep_sampling: Optional[TimestepSampling] = None
+    beta_alpha: Optional[_BetaParameter] = None
+    beta_beta: Optional[_BetaParameter] = None
+    condition_drop_prob: Optional[_Probability] = None
+    data: Optional[DataSource] = None
+
+    @model_validator(mode="after")
+    def _features_need_a_teacher(self) -> "TrainStage":
+        if self.kind is StageKind.NOISE and self.feature_weight is not None:
+            raise ValueError("feature_weight applies to `distill` stages only (a `noise` stage has no teacher whose "
+                             "block outputs it could match); remove it from this stage")
+        return self
+
+
 class TrainSection(_Strict):
-    steps: Annotated[int, Field(ge=0)] = 300
+    steps: Optional[Annotated[int, Field(ge=0)]] = Field(
+        None, description=f"without `stages`: optimisation steps (null = {SINGLE_STAGE_STEPS}); with `stages` each "
+                          f"stage gives its own")
     batch_size: Annotated[int, Field(ge=1)] = 32
-    lr: Annotated[float, Field(gt=0)] = 1e-4
+    lr: _Rate = 1e-4
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     seed: int = 0
-    loss: Literal["mse", "l1"] = "mse"
+    loss: Optional[LossKind] = Field(
+        None, description=f"without `stages`: {SINGLE_STAGE_LOSS} (null) or l1; with `stages` each stage gives its own")
     timestep_sampling: TimestepSampling = TimestepSampling.BETA
-    beta_alpha: Annotated[float, Field(gt=0)] = 3.0
-    beta_beta: Annotated[float, Field(gt=0)] = 1.0
-    condition_drop_prob: Annotated[float, Field(ge=0, le=1)] = 0.1
+    beta_alpha: _BetaParameter = 3.0
+    beta_beta: _BetaParameter = 1.0
+    condition_drop_prob: _Probability = 0.1
     data: DataSource = DataSource.AUTO
     checkpoint_every: Annotated[int, Field(ge=1)] = 100
     threads: Optional[Annotated[int, Field(ge=1)]] = None
+    stages: Optional[Annotated[list[TrainStage], Field(min_length=1)]] = None
+
+    @model_validator(mode="after")
+    def _stages_own_steps_and_loss(self) -> "TrainSection":
+        given = [key for key in ("steps", "loss") if getattr(self, key) is not None]
+        if self.stages is not None and given:
+            keys = " and ".join(f"train.{key}" for key in given)
+            raise ValueError(f"{keys} only apply without `stages`; with `stages` give them per stage "
+                             f"(`- {{kind: distill, steps: 300, loss: l1}}`) and remove {keys}")
+        return self
 
 
 class ExportSection(_Strict):
     opset: Annotated[int, Field(ge=17, le=21)] = 17
-    packing: Literal["auto", "int8_words", "int32_words"] = "auto"
+    packing: Literal["auto", "int8_words", "int32_words", "bitstream"] = "auto"
+    float_storage: Literal["fp16", "fp32"] = "fp16"
     export_fp16_reference: bool = True
 
 
@@ -118,7 +198,7 @@ class Tolerances(_Strict):
 
 class SamplingSection(_Strict):
     num_samples: Annotated[int, Field(ge=1)] = 10
-    num_steps: Annotated[int, Field(ge=1)] = 20
+    num_steps: Optional[Annotated[int, Field(ge=1)]] = Field(None, description="null = schedule.num_steps")
     guidance_scale: Annotated[float, Field(ge=1)] = 3.0
     seed: int = 1234
     min_psnr_db: float = 40.0
@@ -132,16 +212,68 @@ class ValidateSection(_Strict):
     sampling: SamplingSection = SamplingSection()
 
 
+class AnalyzeSection(_Strict):
+    """``lowbit-deploy analyze``: BitsFusion's per-layer sensitivity analysis (Alg. 1) that writes a plan file.
+
+    Candidates are the layers ``quantize.layers`` quantizes and ``exclude`` does not match; the other layers keep
+    what the rules give them (e.g. conv_in/out at 8 bits, cached time layers)."""
+
+    candidate_bits: list[Annotated[int, Field(ge=MIN_BITS, le=MAX_BITS)]] = Field(default_factory=lambda: [1, 2, 3],
+                                                                                  min_length=1)
+    grid: GridKind = GridKind.BALANCED
+    exclude: list[str] = Field(default_factory=lambda: ["conv_in", "conv_out", "time_embedding.*",
+                                                        "*.time_emb_proj"])
+    fallback_bits: Annotated[int, Field(ge=MIN_BITS, le=MAX_BITS)] = 4
+    max_bits: Annotated[int, Field(ge=MIN_BITS, le=MAX_BITS)] = 7
+    percentiles: list[Annotated[float, Field(gt=0, lt=100)]] = Field(default_factory=lambda: [90.0, 95.0, 98.0])
+    eta: Annotated[float, Field(ge=0)] = 0.3
+    target_average_bits: Annotated[float, Field(gt=0)] = 1.99
+    tolerance: Annotated[float, Field(gt=0)] = 0.01
+    tune_steps: Annotated[int, Field(ge=0)] = 0
+    num_samples: Annotated[int, Field(ge=1)] = 10
+    seed: int = 0
+    workers: Annotated[int, Field(ge=1)] = 2
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AnalyzeSection":
+        bits = self.candidate_bits
+        if sorted(set(bits)) != bits:
+            raise ValueError(f"analyze.candidate_bits {bits}: list each bit width once, ascending")
+        if self.grid is GridKind.SIGNED and 1 in bits:
+            raise ValueError("analyze: a signed 1-bit grid is {-1, 0}; use `grid: balanced` with 1-bit candidates")
+        if not bits[-1] < self.fallback_bits <= self.max_bits:
+            raise ValueError(f"analyze: need max(candidate_bits)={bits[-1]} < fallback_bits={self.fallback_bits} "
+                             f"<= max_bits={self.max_bits}")
+        if sorted(set(self.percentiles)) != self.percentiles:
+            raise ValueError(f"analyze.percentiles {self.percentiles}: list each percentile once, ascending")
+        return self
+
+
 class Recipe(_Strict):
     version: Literal[1]
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     model: ModelSection = ModelSection()
+    schedule: ScheduleSection = ScheduleSection()
     quantize: QuantizeSection
     train: TrainSection = TrainSection()
     export: ExportSection = ExportSection()
     build: BuildSection = BuildSection()
     validate_: ValidateSection = Field(ValidateSection(), alias="validate")
+    analyze: AnalyzeSection = AnalyzeSection()
+
+    @model_validator(mode="after")
+    def _sampling_follows_cache(self) -> "Recipe":
+        steps = self.validate_.sampling.num_steps
+        caches = any(rule.cache for rule in self.quantize.layers)
+        if caches and steps is not None and steps != self.schedule.num_steps:
+            raise ValueError(f"validate.sampling.num_steps={steps} but the time features are cached for "
+                             f"schedule.num_steps={self.schedule.num_steps}; drop validate.sampling.num_steps or "
+                             f"make them equal")
+        return self
+
+    def sampling_steps(self, override: int | None = None) -> int:
+        return override or self.validate_.sampling.num_steps or self.schedule.num_steps
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
@@ -177,7 +309,13 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise UserError(f"recipe {path} is not valid YAML: {error}") from None
-    return parse_recipe(data, str(path))
+    recipe = parse_recipe(data, str(path))
+    plan = recipe.quantize.plan
+    if plan and not Path(plan).is_absolute():
+        # A plan file sits beside its recipe; keep an absolute path so later stages find it from anywhere.
+        resolved = str((path.parent / plan).resolve())
+        recipe = recipe.model_copy(update={"quantize": recipe.quantize.model_copy(update={"plan": resolved})})
+    return recipe
 
 
 def recipe_from_json(text: str) -> Recipe:
