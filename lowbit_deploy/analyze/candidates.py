@@ -62,22 +62,6 @@ def single_layer_plan(inventory, total_params: int, layer: str, grid, bits: int)
     return QuantPlan(decisions, total_params, f"analyze candidate {layer} @ {bits} bits")
 
 
-def _timesteps(train, batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    """Training timesteps as train.timestep_sampling says (BitsFusion: Beta(3, 1), favouring large t)."""
-    import numpy as np
-
-    from ..recipes import TimestepSampling
-
-    if train.timestep_sampling is TimestepSampling.BETA:
-        # torch's Beta sampler takes no generator; a numpy stream seeded from ours keeps the tuning reproducible.
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        draws = np.random.default_rng(seed).beta(train.beta_alpha, train.beta_beta, size=batch)
-        fraction = torch.from_numpy(draws).float()
-    else:
-        fraction = torch.rand(batch, generator=generator)
-    return (fraction * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
-
-
 def tune_layer(student, teacher, layer: str, bundle, train, steps: int, seed: int) -> float:
     """BitsFusion's brief per-candidate QAT: ``steps`` AdamW steps on this layer's weight and scale only, matching
     the float teacher's noise prediction (train.lr / batch_size / data / timestep sampling / condition dropping).
@@ -85,6 +69,7 @@ def tune_layer(student, teacher, layer: str, bundle, train, steps: int, seed: in
     from diffusers import DDPMScheduler
 
     from ..qat.data import make_sampler
+    from ..qat.step import sample_timesteps
 
     module = student.get_submodule(layer)
     parameters = [module.weight, module.weight_quantizer.scale]
@@ -101,7 +86,7 @@ def tune_layer(student, teacher, layer: str, bundle, train, steps: int, seed: in
         drop = torch.rand(train.batch_size, generator=generator) < train.condition_drop_prob
         conditions = torch.where(drop[:, None, None], bundle.condition.null(train.batch_size),
                                  batch.encoder_hidden_states)
-        timesteps = _timesteps(train, train.batch_size, num_train_timesteps, generator)
+        timesteps = sample_timesteps(train, train.batch_size, num_train_timesteps, generator)
         noisy = noise_scheduler.add_noise(batch.x0, torch.randn(batch.x0.shape, generator=generator), timesteps)
         with torch.no_grad():
             target = teacher(noisy, timesteps, conditions).sample

@@ -90,3 +90,13 @@ def write_bits_plot(path: Path, points: Sequence[tuple[str, int, int, bool]], ti
     draw.text((legend_x + 14, y + 18), "fixed by quantize.layers", fill="black")
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+
+
+def write_plan_plot(path: Path, plan, num_steps: int = 0) -> Path:
+    """Bits per quantized layer of a realized :class:`~lowbit_deploy.quant.plan.QuantPlan` (training writes it into
+    the run directory)."""
+    points = [(layer.name, layer.weight_numel, layer.bits, layer.name not in ("conv_in", "conv_out"))
+              for layer in plan.quantized]
+    write_bits_plot(path, points, f"{plan.source or 'plan'}: {plan.average_bits(num_steps):.3f} average bits "
+                                  f"(BitsFusion's count)")
+    return path

@@ -132,7 +132,8 @@ def _pack_quantized(unet, decisions, plan, signature, options) -> None:
                             f"and its plan disagree - re-run training")
         parent_name, _, child = decision.name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, child, packed_layer(decision.name, layers[decision.name], options.packing))
+        # pop: the trained fp32 weight is freed as soon as its packed twin replaces it (peak memory at SD scale).
+        setattr(parent, child, packed_layer(decision.name, layers.pop(decision.name), options.packing))
 
 
 def _cache_time(unet, decisions, plan, signature, options) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..analyze.plot import write_plan_plot
 from ..io import update_report
 from ..quant.apply import apply_plan, plan_for
 from ..recipes import Recipe
@@ -148,6 +149,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
     result = TrainResult(str(checkpoints.checkpoint), run.step, time.perf_counter() - started,
                          losses[0] if losses else None, losses[-1] if losses else None,
                          plan.average_bits(signature.num_steps), len(plan.quantized), losses, history.summary())
+    plot = write_plan_plot(Path(run_dir) / "plan.png", plan, signature.num_steps)
     update_report(run_dir, "train", {**result.summary(), "plan": plan.summary(signature.num_steps),
-                                     "signature": signature.to_dict()})
+                                     "plan_png": str(plot), "signature": signature.to_dict()})
     return result

@@ -106,3 +106,55 @@ def test_pickle_checkpoint_is_refused_by_every_stage(tmp_path):
     for command in ("export", "validate"):  # build reads model.onnx, which a pickle-only run never has
         result = CliRunner().invoke(main, [command, str(tmp_path / "run")])
         assert result.exit_code == 2 and "safetensors only" in result.output, (command, result.output)
+
+
+@pytest.fixture(scope="module")
+def cached_chain(tmp_path_factory):
+    """The BitsFusion path on a tiny checkpoint: cached time layers (step index), staged training, v2 packing."""
+    import copy
+
+    from tinymodels import TINY_RECIPE, make_tiny_unet
+
+    root = tmp_path_factory.mktemp("cli-cached")
+    make_tiny_unet().save_pretrained(root / "model" / "unet")
+    data = copy.deepcopy(TINY_RECIPE)
+    data["schedule"] = {"num_steps": 3}
+    data["quantize"]["layers"][2:4] = [{"pattern": "time_embedding.*", "cache": True},
+                                       {"pattern": "*.time_emb_proj", "cache": True}]
+    data["train"] = {"batch_size": 2, "checkpoint_every": 1, "data": "gaussian",
+                     "stages": [{"kind": "distill", "steps": 2, "feature_weight": 0.01}]}
+    data["validate"]["sampling"].pop("num_steps")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(root / "run"), "--model",
+                                       str(root / "model"), "--no-build", "--no-progress"])
+    return root, result
+
+
+def test_cached_chain_deploys_by_step_index(cached_chain):
+    import onnx
+
+    root, result = cached_chain
+    assert result.exit_code == 0, result.output
+    run = root / "run"
+    for artifact in ("plan.png", "time_cache.png", "samples.png"):
+        assert (run / artifact).is_file(), artifact
+    model = onnx.load(str(run / "model.onnx"), load_external_data=False)
+    assert [i.name for i in model.graph.input] == ["sample", "step_index", "encoder_hidden_states"]
+    report = json.loads((run / "report.json").read_text())
+    from lowbit_deploy.models import load_model
+    from lowbit_deploy.validate.sampling import schedule_timesteps
+
+    expected = schedule_timesteps(load_model(root / "model").scheduler_config, 3)
+    assert report["train"]["signature"]["step_timesteps"] == expected and len(expected) == 3
+    assert report["export"]["op_version"] == 2 and report["export"]["cached_values"] > 0
+    assert report["validate"]["sampling"]["num_steps"] == 3
+    assert "deployment_rounding" in report["validate"]
+
+
+def test_sampling_steps_other_than_the_cached_schedule_are_refused(cached_chain):
+    root, _ = cached_chain
+    result = CliRunner().invoke(main, ["validate", str(root / "run"), "--sampling-steps", "5"])
+    assert result.exit_code == 2, result.output
+    assert "cached for ddim, 3 steps" in result.output and "--sampling-steps 3" in result.output
+    assert "Traceback" not in result.output
