@@ -11,15 +11,17 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.installed-stamp
 KERNELS := plugins/build/liblowbit_kernels.so
-DEMO_RECIPE ?= recipes/tiny-w2-balanced.yaml
+DEMO_RECIPE ?= recipes/tiny-bitsfusion-1.99.yaml
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
+# Extra CMake arguments of the C++ plugin build, e.g. CMAKE_ARGS=-DTensorRT_INCLUDE_DIR=/usr/include/x86_64-linux-gnu
+CMAKE_ARGS ?=
 
-.PHONY: setup kernels demo test bench clean help
+.PHONY: setup kernels plugins demo test bench clean help
 
 help:
 	@echo "make demo   - set up, then run train -> export -> build -> validate on the embedded default ($(DEMO_DIR))"
-	@echo "make test   - set up, build the CUDA kernels (if nvcc exists), run the test suite"
+	@echo "make test   - set up, build the CUDA kernels and C++ plugin libraries (if nvcc exists), run the tests"
 	@echo "make bench  - size, QAT-cost and quality benchmarks (prints ratios)"
 
 $(STAMP): pyproject.toml
@@ -37,14 +39,28 @@ kernels:
 	@if command -v $${NVCC:-nvcc} >/dev/null 2>&1; then $(MAKE) --no-print-directory -C plugins; \
 	else echo "note: nvcc not found; CUDA kernel library not built (kernel tests will skip)"; fi
 
-demo: setup kernels
-	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/lowbit-deploy run $(DEMO_RECIPE) --out $(DEMO_DIR)
+# The C++ TensorRT plugin libraries (plugins/CMakeLists.txt -> plugins/build/liblowbit_plugins_trt{11,10}.so), which
+# `lowbit-deploy build` loads by default. Skipped, with a note, without nvcc or cmake: builds then need
+# `--plugin python`, and the C++ plugin tests skip.
+plugins:
+	@if ! command -v $${NVCC:-nvcc} >/dev/null 2>&1; then \
+		echo "note: nvcc not found; C++ plugin library not built (use --plugin python; its tests will skip)"; \
+	elif ! command -v cmake >/dev/null 2>&1; then \
+		echo "note: cmake not found; C++ plugin library not built (use --plugin python; its tests will skip)"; \
+	elif [ -z "$(CMAKE_ARGS)" ] && [ ! -d ../shared/third_party/tensorrt-oss ]; then \
+		echo "note: no TensorRT headers (../shared/third_party/tensorrt-oss); pass CMAKE_ARGS=-DTensorRT_INCLUDE_DIR=..."; \
+	else $(MAKE) --no-print-directory -C plugins tensorrt NVCC=$${NVCC:-nvcc} CMAKE_ARGS="$(CMAKE_ARGS)"; fi
 
-test: setup kernels
+# Without the C++ plugin library the demo builds its engine with the Python plugin (same engine bytes).
+demo: setup kernels plugins
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/lowbit-deploy run $(DEMO_RECIPE) --out $(DEMO_DIR) \
+		$$(test -f plugins/build/liblowbit_plugins_trt11.so || echo --plugin python)
+
+test: setup kernels plugins
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-bench: setup kernels
+bench: setup kernels plugins
 	$(PY) benchmarks/run_all.py
 
 clean:

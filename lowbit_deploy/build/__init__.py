@@ -20,6 +20,8 @@ _EXPORTS = {
     "unpack_dequantize_bitstream_host": "kernels",
     "unpack_dequantize_bitstream_cuda": "kernels",
     "register_plugins": "plugin",
+    "check_plugin_library": "plugin_library",
+    "use_plugins": "plugin_library",
     "parse_fields": "plugin",
     "parse_fields_v2": "plugin",
     "UnpackDequantizeFields": "plugin",

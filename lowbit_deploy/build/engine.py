@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import UserError
-from .plugin import OP_NAME, PLUGIN_NAMESPACE, register_plugins
+from .plugin import OP_NAME, PLUGIN_NAMESPACE
+from .plugin_library import DEFAULT_PLUGIN, PLUGIN_KINDS, check_plugin_library, use_plugins
 from .tensorrt_import import TensorRTBackend, tensorrt_backend
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class BuildReport:
     compute_capabilities: list[str]  # e.g. ["8.9"]; ["current"] for full TensorRT (builds for the GPU present)
     fp16: bool
     build_seconds: float
+    plugin: str = DEFAULT_PLUGIN  # which UnpackDequantize creators built it: "cpp" (the C++ library) or "python"
+    plugin_library: str | None = None  # path of the C++ library, None for the Python plugin
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,22 +77,22 @@ def _is_lowbit_plugin_layer(trt: Any, layer: Any) -> bool:
             and getattr(core, "plugin_namespace", None) == PLUGIN_NAMESPACE)
 
 
-def count_plugin_layers(network: Any, trt: Any | None = None) -> int:
+def count_plugin_layers(network: Any, trt: Any | None = None, plugin: str = DEFAULT_PLUGIN) -> int:
     """Number of ``lowbit::UnpackDequantize`` plugin layers of any op version (v1 word formats, v2 bit stream:
     same name and namespace) in a parsed ``INetworkDefinition``, or in an ONNX file (given as a path, parsed with
-    the plugins registered)."""
+    the ``plugin`` creators registered: "cpp" or "python")."""
     if isinstance(network, (str, os.PathLike)):
         backend = tensorrt_backend()
-        _, parsed, _ = _parse_onnx(Path(network), backend)
+        _, parsed, _ = _parse_onnx(Path(network), backend, plugin)
         return count_plugin_layers(parsed, backend.module)
     trt = trt or tensorrt_backend().module
     return sum(_is_lowbit_plugin_layer(trt, network.get_layer(i)) for i in range(network.num_layers))
 
 
-def _parse_onnx(onnx_path: Path, backend: TensorRTBackend) -> tuple[Any, Any, Any]:
+def _parse_onnx(onnx_path: Path, backend: TensorRTBackend, plugin: str) -> tuple[Any, Any, Any]:
     if not onnx_path.is_file():
         raise UserError(f"ONNX file {onnx_path} does not exist; run the export stage first")
-    register_plugins(backend.module)
+    use_plugins(backend, plugin)
     _polygraphy_for(backend)
     from polygraphy.backend.trt import NetworkFromOnnxPath
     from polygraphy.exception import PolygraphyException
@@ -146,9 +149,12 @@ def _create_config(backend: TensorRTBackend, compute_capabilities: Sequence[tupl
 def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLike[str], *,
                  compute_capabilities: Sequence[tuple[int, int]] = DEFAULT_COMPUTE_CAPABILITIES, fp16: bool = False,
                  workspace_bytes: int | None = None, backend: str | None = None,
-                 input_shapes: Mapping[str, ShapeRange] | None = None) -> BuildReport:
+                 input_shapes: Mapping[str, ShapeRange] | None = None, plugin: str = DEFAULT_PLUGIN) -> BuildReport:
     """Parse ``onnx_path`` with the lowbit plugins registered, build and write the serialized engine.
 
+    ``plugin`` picks the UnpackDequantize creators: "cpp" (default: the C++ library that C++ apps load too; a
+    missing, stale or wrong-family library is a UserError naming the fix, raised before anything is parsed) or
+    "python" (the Python IPluginV3: engines are byte-identical, but running them needs lowbit_deploy).
     ``compute_capabilities`` are the ahead-of-time targets of TensorRT-RTX (ignored by full TensorRT, which builds
     for the GPU present). ``backend`` forces "tensorrt" or "tensorrt_rtx" (default: full TensorRT when installed).
     ``input_shapes`` maps each input with dynamic dimensions to its (min, opt, max) shapes (one profile).
@@ -158,8 +164,11 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     chosen = tensorrt_backend(backend)
     if chosen.is_rtx and not compute_capabilities:
         raise UserError("TensorRT-RTX needs at least one compute capability to build for, e.g. ((8, 9),)")
+    if plugin not in PLUGIN_KINDS:
+        raise UserError(f"unknown plugin {plugin!r}; choose one of {', '.join(PLUGIN_KINDS)}")
+    library = check_plugin_library(chosen) if plugin == "cpp" else None
     start = time.perf_counter()
-    builder, network, parser = _parse_onnx(onnx_path, chosen)
+    builder, network, parser = _parse_onnx(onnx_path, chosen, plugin)
     plugin_layers = count_plugin_layers(network, chosen.module)
     config = _create_config(chosen, compute_capabilities, fp16, workspace_bytes, input_shapes)
     from polygraphy.backend.trt import EngineBytesFromNetwork
@@ -179,9 +188,10 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
         onnx_path=str(onnx_path), engine_path=str(engine_path), backend=chosen.name, backend_version=chosen.version,
         engine_bytes=len(payload), plugin_layers=plugin_layers, total_layers=network.num_layers,
         compute_capabilities=[f"{major}.{minor}" for major, minor in compute_capabilities] if chosen.is_rtx
-        else ["current"], fp16=fp16, build_seconds=round(seconds, 3), warnings=warnings)
-    logger.info("built %s: %d bytes, %d plugin layers in %.2fs", engine_path, report.engine_bytes, plugin_layers,
-                seconds)
+        else ["current"], fp16=fp16, build_seconds=round(seconds, 3), plugin=plugin,
+        plugin_library=str(library.path) if library else None, warnings=warnings)
+    logger.info("built %s: %d bytes, %d plugin layers (%s plugin) in %.2fs", engine_path, report.engine_bytes,
+                plugin_layers, plugin, seconds)
     return report
 
 

@@ -14,6 +14,7 @@ different modules, so the classes are made per module (and version) by :func:`pl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
@@ -30,6 +31,15 @@ PLUGIN_VERSION = "1"
 PLUGIN_VERSION_V2 = "2"
 FIELD_NAMES = ("levels", "qmin", "word_bits", "codes_per_word", "shape")
 FIELD_NAMES_V2 = ("levels", "qmin", "group_size", "group_bits", "shape")
+# Node attributes the ONNX parser may pass along; they select the plugin and are never read.
+IGNORED_FIELDS = ("plugin_namespace", "plugin_version")
+# TensorRT tensors have at most 8 dimensions (Dims::MAX_DIMS).
+MAX_RANK = 8
+# Keeps every count derived from prod(shape) far from int64 overflow (2^48 float32 outputs = 1 PiB: no real weight).
+# Mirrored by kMAX_WEIGHT_ELEMENTS in plugins/unpack_dequantize/unpackDequantizeFields.h.
+MAX_WEIGHT_ELEMENTS = 2**48
+_INT32_RANGE = (-2**31, 2**31 - 1)
+_INTEGER_FIELD_TYPES = ("INT32", "INT64")
 _WORD_BITS = (8, 32)
 # Creators registered per (TensorRT module, version): the registry holds a raw pointer, so Python keeps them alive.
 _registered: dict[tuple[str, str], Any] = {}
@@ -96,11 +106,12 @@ class UnpackDequantizeBitstreamFields:
 
 
 def _parse_common(fields: Mapping[str, Any], names: tuple[str, ...]) -> tuple[dict[str, int], tuple[int, ...]]:
-    """Checks shared by every version: presence, no unknown names, one integer per scalar, levels range, shape."""
+    """Checks shared by every version, in the order of the C++ plugin (unpackDequantizeFields.cpp): presence, no
+    unknown names, one 32-bit integer per scalar, an integer shape, levels range, qmin + levels - 1 in int32."""
     missing = [name for name in names if name not in fields]
     if missing:
         raise UserError(f"{OP_NAME}: missing required field(s) {missing}; expected {list(names)}")
-    unknown = sorted(set(fields) - set(names) - {"plugin_namespace", "plugin_version"})
+    unknown = sorted(set(fields) - set(names) - set(IGNORED_FIELDS))
     if unknown:
         raise UserError(f"{OP_NAME}: unknown field(s) {unknown}; expected {list(names)}")
     scalars = {}
@@ -111,16 +122,27 @@ def _parse_common(fields: Mapping[str, Any], names: tuple[str, ...]) -> tuple[di
         if values.size != 1 or not np.issubdtype(values.dtype, np.integer):
             raise UserError(f"{OP_NAME}: field {name!r} must be one integer, got {values!r}")
         scalars[name] = int(values[0])
-    shape = tuple(int(d) for d in np.asarray(fields["shape"]).reshape(-1))
+        if not _INT32_RANGE[0] <= scalars[name] <= _INT32_RANGE[1]:
+            raise UserError(f"{OP_NAME}: field {name!r}={scalars[name]} does not fit a 32-bit integer")
+    shape_values = np.asarray(fields["shape"]).reshape(-1)
+    if shape_values.size and not np.issubdtype(shape_values.dtype, np.integer):
+        raise UserError(f"{OP_NAME}: field 'shape' must hold integers, got {shape_values!r}")
+    shape = tuple(int(d) for d in shape_values)
     levels = scalars["levels"]
     if not packing.MIN_LEVELS <= levels <= packing.MAX_LEVELS:
         raise UserError(f"{OP_NAME}: levels={levels} is out of range [{packing.MIN_LEVELS}, {packing.MAX_LEVELS}]")
+    if scalars["qmin"] + levels - 1 > _INT32_RANGE[1]:
+        raise UserError(f"{OP_NAME}: qmin={scalars['qmin']} with {levels} levels overflows a 32-bit integer")
     return scalars, shape
 
 
 def _check_shape(shape: tuple[int, ...]) -> None:
-    if not shape or any(d < 1 for d in shape):
+    if not shape or len(shape) > MAX_RANK:
+        raise UserError(f"{OP_NAME}: shape must be non-empty with at most {MAX_RANK} dimensions, got {shape}")
+    if any(d < 1 for d in shape):
         raise UserError(f"{OP_NAME}: shape must be non-empty with positive dimensions, got {shape}")
+    if math.prod(shape) > MAX_WEIGHT_ELEMENTS:
+        raise UserError(f"{OP_NAME}: shape {shape} has more than 2^48 elements")
 
 
 def parse_fields(fields: Mapping[str, Any]) -> UnpackDequantizeFields:
@@ -153,6 +175,29 @@ def parse_fields_v2(fields: Mapping[str, Any]) -> UnpackDequantizeBitstreamField
     return UnpackDequantizeBitstreamFields(shape=shape, **scalars)
 
 
+def check_input_lengths(fields: Any, packed_length: int, scale_length: int) -> None:
+    """Build-time check of the input lengths against the fields (twin of lowbit::plugin::checkInputLengths): a short
+    packed or scale input would be an out-of-bounds read at run time."""
+    expected = fields.num_words if fields.field_names == FIELD_NAMES else fields.num_bytes
+    unit = "words" if fields.field_names == FIELD_NAMES else "stream bytes"
+    if packed_length != expected:
+        raise UserError(f"{OP_NAME}: the packed input has {packed_length} elements but {fields.numel} codes need "
+                        f"{expected} {unit}")
+    if scale_length != fields.shape[0]:
+        raise UserError(f"{OP_NAME}: the scale input has {scale_length} elements but shape[0] is {fields.shape[0]} "
+                        "(one scale per output channel)")
+
+
+def _check_io(fields: Any, input_dims: list[tuple[int, ...]], num_outputs: int) -> None:
+    if len(input_dims) != 2 or num_outputs != 1:
+        raise UserError(f"{OP_NAME}: expected 2 inputs (packed, scale) and 1 output, got {len(input_dims)} inputs and "
+                        f"{num_outputs} outputs")
+    for index, dims in enumerate(input_dims):
+        if len(dims) != 1:
+            raise UserError(f"{OP_NAME}: input {index} must be one-dimensional, got {len(dims)} dimensions")
+    check_input_lengths(fields, input_dims[0][0], input_dims[1][0])
+
+
 class PluginVersion(NamedTuple):
     field_names: tuple[str, ...]
     parse: Callable[[Mapping[str, Any]], Any]
@@ -166,7 +211,19 @@ PLUGIN_VERSIONS: dict[str, PluginVersion] = {
 
 
 def _fields_by_name(field_collection: Iterable[Any]) -> dict[str, np.ndarray]:
-    return {field.name: np.array(field.data, copy=True) for field in field_collection}
+    """Field arrays by name, refusing repeated names and non-integer field types (the binding hands a CHAR field as
+    an int8 array, which would otherwise pass for an integer)."""
+    by_name: dict[str, np.ndarray] = {}
+    for field in field_collection:
+        if field.name in IGNORED_FIELDS:
+            continue
+        if field.name in by_name:
+            raise UserError(f"{OP_NAME}: field {field.name!r} is given more than once")
+        if field.type.name not in _INTEGER_FIELD_TYPES:
+            raise UserError(f"{OP_NAME}: field {field.name!r} has type {field.type.name}; expected INT32 or INT64 "
+                            "integers")
+        by_name[field.name] = np.array(field.data, copy=True)
+    return by_name
 
 
 def _serialization_arrays(fields: Any) -> dict[str, np.ndarray]:
@@ -214,6 +271,12 @@ def plugin_classes(trt: ModuleType, version: str = PLUGIN_VERSION) -> tuple[type
             return [trt.DataType.FLOAT]
 
         def get_output_shapes(self, inputs: Any, shape_inputs: Any, expr_builder: Any) -> list[Any]:
+            # The packed weight and its scales are initializers, so their lengths are build-time constants: a
+            # mismatch with the fields (an out-of-bounds read at run time) is refused before the engine exists.
+            lengths = [tuple(d.get_constant_value() for d in dims) for dims in inputs
+                       if all(d.is_constant() for d in dims)]
+            if len(lengths) == len(inputs):
+                _check_io(self.fields, lengths, 1)
             dims = trt.DimsExprs(len(self.fields.shape))
             for axis, extent in enumerate(self.fields.shape):
                 dims[axis] = expr_builder.constant(extent)
@@ -227,10 +290,10 @@ def plugin_classes(trt: ModuleType, version: str = PLUGIN_VERSION) -> tuple[type
             return pos < len(wanted) and desc.type == wanted[pos]
 
         def configure_plugin(self, inputs: Any, outputs: Any) -> None:
-            pass
+            _check_io(self.fields, [tuple(i.desc.dims) for i in inputs], len(outputs))
 
         def on_shape_change(self, inputs: Any, outputs: Any) -> None:
-            pass
+            _check_io(self.fields, [tuple(i.dims) for i in inputs], len(outputs))
 
         def get_workspace_size(self, inputs: Any, outputs: Any) -> int:
             return 0

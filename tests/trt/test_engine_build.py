@@ -22,6 +22,9 @@ pytestmark = [
 ]
 
 RTX = "tensorrt_rtx"
+# The Python creators, so this pytest process never loads the C++ library (a process keeps it once loaded); the C++
+# plugin builds in fresh processes in test_cpp_plugin.py, and the two build byte-identical engines.
+PLUGIN = "python"
 
 
 def _weights(specs, seed=0):
@@ -67,10 +70,11 @@ def test_v2_build_has_one_plugin_layer_per_lowbit_node(chain_onnx_v2, tmp_path) 
     from lowbit_deploy.build.engine import build_engine, count_plugin_layers
 
     onnx_path, lowbit_nodes = chain_onnx_v2
-    report = build_engine(onnx_path, tmp_path / "chain_v2.engine", compute_capabilities=((8, 9),), backend=RTX)
+    report = build_engine(onnx_path, tmp_path / "chain_v2.engine", compute_capabilities=((8, 9),), backend=RTX,
+                          plugin=PLUGIN)
     assert lowbit_nodes == 3
     assert report.plugin_layers == lowbit_nodes
-    assert count_plugin_layers(onnx_path) == lowbit_nodes
+    assert count_plugin_layers(onnx_path, plugin=PLUGIN) == lowbit_nodes
     assert report.warnings == [] and report.engine_bytes > 0
     engine = (tmp_path / "chain_v2.engine").read_bytes()
     assert b"UnpackDequantize" in engine and b"group_bits" in engine  # v2 fields serialized by name
@@ -86,7 +90,7 @@ def test_v2_engine_keeps_the_bit_stream_packed(tmp_path) -> None:
     for channels in (64, 256):
         (weight,) = _weights([((channels, channels, 3, 3), 3, PackingFormat.BITSTREAM)], seed=channels)
         onnx_path = _save(conv_chain_model([weight], (1, channels, 8, 8)), tmp_path / f"v2_{channels}.onnx")
-        report = build_engine(onnx_path, tmp_path / f"v2_{channels}.engine", backend=RTX)
+        report = build_engine(onnx_path, tmp_path / f"v2_{channels}.engine", backend=RTX, plugin=PLUGIN)
         assert report.plugin_layers == 1
         sizes[channels], packed_bytes[channels] = report.engine_bytes, weight.packed_words.nbytes
     expected_growth = packed_bytes[256] - packed_bytes[64]
@@ -103,7 +107,7 @@ def test_invalid_v2_plugin_fields_fail_the_parse(tmp_path) -> None:
     next(a for a in node.attribute if a.name == "group_bits").i = 45  # ternary groups of 29 codes need 46 bits
     onnx.save(model, tmp_path / "bad_v2.onnx")
     with pytest.raises(UserError):
-        build_engine(tmp_path / "bad_v2.onnx", tmp_path / "bad_v2.engine", backend=RTX)
+        build_engine(tmp_path / "bad_v2.onnx", tmp_path / "bad_v2.engine", backend=RTX, plugin=PLUGIN)
     assert not (tmp_path / "bad_v2.engine").exists()
 
 
@@ -111,7 +115,8 @@ def test_aot_build_for_sm89_has_one_plugin_layer_per_lowbit_node(chain_onnx, tmp
     from lowbit_deploy.build.engine import build_engine
 
     onnx_path, lowbit_nodes = chain_onnx
-    report = build_engine(onnx_path, tmp_path / "chain.engine", compute_capabilities=((8, 9),), backend=RTX)
+    report = build_engine(onnx_path, tmp_path / "chain.engine", compute_capabilities=((8, 9),), backend=RTX,
+                          plugin=PLUGIN)
     assert lowbit_nodes == 3
     assert report.plugin_layers == lowbit_nodes
     assert report.engine_bytes > 0 and (tmp_path / "chain.engine").stat().st_size == report.engine_bytes
@@ -127,14 +132,16 @@ def test_count_plugin_layers_from_onnx_path(chain_onnx) -> None:
     from lowbit_deploy.build.engine import count_plugin_layers
 
     onnx_path, lowbit_nodes = chain_onnx
-    assert count_plugin_layers(onnx_path) == lowbit_nodes
+    assert count_plugin_layers(onnx_path, plugin=PLUGIN) == lowbit_nodes
 
 
 def test_multiple_compute_capabilities(chain_onnx, tmp_path) -> None:
     from lowbit_deploy.build.engine import build_engine
 
-    single = build_engine(chain_onnx[0], tmp_path / "one.engine", compute_capabilities=((8, 9),), backend=RTX)
-    multi = build_engine(chain_onnx[0], tmp_path / "two.engine", compute_capabilities=((8, 0), (8, 9)), backend=RTX)
+    single = build_engine(chain_onnx[0], tmp_path / "one.engine", compute_capabilities=((8, 9),), backend=RTX,
+                          plugin=PLUGIN)
+    multi = build_engine(chain_onnx[0], tmp_path / "two.engine", compute_capabilities=((8, 0), (8, 9)), backend=RTX,
+                         plugin=PLUGIN)
     assert multi.compute_capabilities == ["8.0", "8.9"]
     assert multi.engine_bytes > single.engine_bytes  # code for two architectures
 
@@ -150,7 +157,7 @@ def test_engine_keeps_weights_packed(tmp_path) -> None:
         (weight,) = _weights([((channels, channels, 3, 3), 3, PackingFormat.INT8_WORDS)], seed=channels)
         for kind, make in (("packed", conv_chain_model), ("fp32", plain_conv_model)):
             onnx_path = _save(make([weight], (1, channels, 8, 8)), tmp_path / f"{kind}{channels}.onnx")
-            report = build_engine(onnx_path, tmp_path / f"{kind}{channels}.engine", backend=RTX)
+            report = build_engine(onnx_path, tmp_path / f"{kind}{channels}.engine", backend=RTX, plugin=PLUGIN)
             assert report.plugin_layers == (1 if kind == "packed" else 0)
             sizes[kind, channels] = report.engine_bytes
         sizes["packed_bytes", channels] = weight.packed_words.nbytes
@@ -167,7 +174,7 @@ def test_missing_onnx_is_a_user_error(tmp_path) -> None:
     from lowbit_deploy.build.engine import build_engine
 
     with pytest.raises(UserError, match="does not exist"):
-        build_engine(tmp_path / "nope.onnx", tmp_path / "nope.engine", backend=RTX)
+        build_engine(tmp_path / "nope.onnx", tmp_path / "nope.engine", backend=RTX, plugin=PLUGIN)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -177,7 +184,7 @@ def test_unparsable_onnx_is_a_user_error(tmp_path) -> None:
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"this is not a protobuf")
     with pytest.raises(UserError, match="could not parse"):
-        build_engine(broken, tmp_path / "broken.engine", backend=RTX)
+        build_engine(broken, tmp_path / "broken.engine", backend=RTX, plugin=PLUGIN)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.onnx"]
 
 
@@ -190,7 +197,7 @@ def test_invalid_plugin_fields_fail_the_parse(tmp_path) -> None:
     next(a for a in node.attribute if a.name == "codes_per_word").i = 4  # ternary bytes hold 5 codes
     onnx.save(model, tmp_path / "bad.onnx")
     with pytest.raises(UserError):
-        build_engine(tmp_path / "bad.onnx", tmp_path / "bad.engine", backend=RTX)
+        build_engine(tmp_path / "bad.onnx", tmp_path / "bad.engine", backend=RTX, plugin=PLUGIN)
     assert not (tmp_path / "bad.engine").exists()
 
 
@@ -198,9 +205,10 @@ def test_unsupported_options_are_user_errors(chain_onnx, tmp_path) -> None:
     from lowbit_deploy.build.engine import build_engine
 
     with pytest.raises(UserError, match="compute capability 9.0"):
-        build_engine(chain_onnx[0], tmp_path / "e.engine", compute_capabilities=((9, 0),), backend=RTX)
+        build_engine(chain_onnx[0], tmp_path / "e.engine", compute_capabilities=((9, 0),), backend=RTX,
+                     plugin=PLUGIN)
     with pytest.raises(UserError, match="strongly typed"):
-        build_engine(chain_onnx[0], tmp_path / "e.engine", fp16=True, backend=RTX)
+        build_engine(chain_onnx[0], tmp_path / "e.engine", fp16=True, backend=RTX, plugin=PLUGIN)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -208,7 +216,8 @@ def test_fresh_process_builds_with_plugins(chain_onnx, tmp_path) -> None:
     """The libtensorrt_rtx.so pitfall (shared/docs/TENSORRT.md) would kill this process with 'terminate called
     without an active exception'; import_tensorrt() must prevent it in any fresh interpreter."""
     code = ("import sys; from lowbit_deploy.build.engine import build_engine; "
-            "r = build_engine(sys.argv[1], sys.argv[2], backend='tensorrt_rtx'); print('plugin_layers', r.plugin_layers)")
+            "r = build_engine(sys.argv[1], sys.argv[2], backend='tensorrt_rtx', plugin='python'); "
+            "print('plugin_layers', r.plugin_layers)")
     # An empty cache directory: the shim is compiled from scratch in this run.
     env = {**os.environ, "LOWBIT_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-c", code, str(chain_onnx[0]), str(tmp_path / "fresh.engine")],
@@ -225,5 +234,5 @@ def test_full_tensorrt_build(chain_onnx, tmp_path) -> None:
 
     if not gpu_available():
         pytest.skip("full TensorRT builds for the GPU present: no CUDA GPU")
-    report = build_engine(chain_onnx[0], tmp_path / "full.engine", backend="tensorrt")
+    report = build_engine(chain_onnx[0], tmp_path / "full.engine", backend="tensorrt", plugin=PLUGIN)
     assert report.backend == "tensorrt" and report.plugin_layers == chain_onnx[1] and report.engine_bytes > 0

@@ -50,6 +50,11 @@ def test_shape_accepts_int32_arrays() -> None:
     ({"levels": np.array([3, 4], np.int32)}, "must be one integer"),
     ({"levels": np.array([3.0], np.float32)}, "must be one integer"),
     ({"bits": np.array([2], np.int32)}, "unknown field"),
+    ({"levels": np.array([2**40 + 3], np.int64)}, "does not fit a 32-bit integer"),
+    ({"qmin": np.array([2**31 - 2], np.int32)}, "overflows a 32-bit integer"),
+    ({"shape": np.array([1] * 9, np.int64)}, "at most 8 dimensions"),
+    ({"shape": np.array([2**31 - 1] * 3, np.int64)}, "more than 2\\^48 elements"),
+    ({"shape": np.array([4.0, 2.0], np.float32)}, "'shape' must hold integers"),
 ])
 def test_invalid_fields(override, message) -> None:
     with pytest.raises(UserError, match=message):
@@ -103,6 +108,21 @@ def test_invalid_v2_fields(override, message) -> None:
 def test_missing_v2_field_is_named(name) -> None:
     with pytest.raises(UserError, match=f"missing required field.*'{name}'"):
         parse_fields_v2({k: v for k, v in VALID_V2.items() if k != name})
+
+
+@pytest.mark.parametrize(("fields", "packed", "scales", "message"), [
+    (VALID, 4, 4, "the packed input has 4 elements but 72 codes need 15 words"),
+    (VALID, 15, 2, r"the scale input has 2 elements but shape\[0\] is 4"),
+    (VALID_V2, 17, 4, "the packed input has 17 elements but 72 codes need 18 stream bytes"),
+])
+def test_input_lengths_are_checked(fields, packed, scales, message) -> None:
+    from lowbit_deploy.build.plugin import check_input_lengths
+
+    parse = parse_fields if "word_bits" in fields else parse_fields_v2
+    with pytest.raises(UserError, match=message):
+        check_input_lengths(parse(fields), packed, scales)
+    check_input_lengths(parse_fields(VALID), 15, 4)
+    check_input_lengths(parse_fields_v2(VALID_V2), 18, 4)
 
 
 def test_v1_fields_are_not_v2_fields() -> None:

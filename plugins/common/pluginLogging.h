@@ -1,0 +1,41 @@
+/*
+ * Error reporting for the lowbit TensorRT plugins: every noexcept entry point catches everything and reports here.
+ *
+ * The library links no TensorRT library (shared/docs/TENSORRT.md), so the only channels are the ones TensorRT hands
+ * over: the ILoggerFinder given to setLoggerFinder() (build and runtime), and the IErrorRecorder of the execution
+ * context a plugin is attached to (runtime). Without either (a test harness, a caller that never set a finder), the
+ * message goes to stderr so it is never lost.
+ */
+#ifndef LOWBIT_PLUGIN_LOGGING_H
+#define LOWBIT_PLUGIN_LOGGING_H
+
+#include <NvInferRuntime.h>
+
+#include <exception>
+#include <string>
+
+namespace lowbit
+{
+namespace plugin
+{
+
+//! Stores the finder passed to the exported setLoggerFinder() (nullptr clears it).
+void setLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept;
+
+//! Logs `message` with `severity` through TensorRT's logger (stderr when there is none).
+void log(nvinfer1::ILogger::Severity severity, char const* message) noexcept;
+
+//! Reports an error: to `recorder` when given (runtime), and always to the logger at kERROR.
+void reportError(std::string const& message, nvinfer1::IErrorRecorder* recorder = nullptr,
+    nvinfer1::ErrorCode code = nvinfer1::ErrorCode::kINVALID_ARGUMENT) noexcept;
+
+//! Reports an exception caught at a noexcept boundary, prefixed with the entry point's name.
+void reportException(char const* where, std::exception const& error, nvinfer1::IErrorRecorder* recorder = nullptr) noexcept;
+
+//! Reports a non-standard exception (catch (...)) caught at a noexcept boundary.
+void reportUnknownException(char const* where, nvinfer1::IErrorRecorder* recorder = nullptr) noexcept;
+
+} // namespace plugin
+} // namespace lowbit
+
+#endif // LOWBIT_PLUGIN_LOGGING_H
