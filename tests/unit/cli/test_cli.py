@@ -10,18 +10,25 @@ from click.testing import CliRunner
 from lowbit_deploy.cli import main
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    """One train -> export -> validate chain (no engine build here; tests/trt builds engines)."""
-    from tinymodels import TINY_RECIPE, make_tiny_unet
+def _run_chain(root, recipe_data: dict):
+    """`lowbit-deploy run` of ``recipe_data`` on a tiny local checkpoint into ``root / "run"`` (no engine build here;
+    tests/trt builds engines)."""
+    from tinymodels import make_tiny_unet
 
-    root = tmp_path_factory.mktemp("cli")
     make_tiny_unet().save_pretrained(root / "model" / "unet")
     recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(TINY_RECIPE))
-    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(root / "run"), "--model",
-                                       str(root / "model"), "--no-build", "--no-progress"])
-    return root, result
+    recipe.write_text(yaml.safe_dump(recipe_data))
+    return CliRunner().invoke(main, ["run", str(recipe), "--out", str(root / "run"), "--model", str(root / "model"),
+                                     "--no-build", "--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """One train -> export -> validate chain."""
+    from tinymodels import TINY_RECIPE
+
+    root = tmp_path_factory.mktemp("cli")
+    return root, _run_chain(root, TINY_RECIPE)
 
 
 def test_run_chains_every_stage_and_passes(chain):
@@ -113,10 +120,9 @@ def cached_chain(tmp_path_factory):
     """The BitsFusion path on a tiny checkpoint: cached time layers (step index), staged training, v2 packing."""
     import copy
 
-    from tinymodels import TINY_RECIPE, make_tiny_unet
+    from tinymodels import TINY_RECIPE
 
     root = tmp_path_factory.mktemp("cli-cached")
-    make_tiny_unet().save_pretrained(root / "model" / "unet")
     data = copy.deepcopy(TINY_RECIPE)
     data["schedule"] = {"num_steps": 3}
     data["quantize"]["layers"][2:4] = [{"pattern": "time_embedding.*", "cache": True},
@@ -124,11 +130,7 @@ def cached_chain(tmp_path_factory):
     data["train"] = {"batch_size": 2, "checkpoint_every": 1, "data": "gaussian",
                      "stages": [{"kind": "distill", "steps": 2, "feature_weight": 0.01}]}
     data["validate"]["sampling"].pop("num_steps")
-    recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(data))
-    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(root / "run"), "--model",
-                                       str(root / "model"), "--no-build", "--no-progress"])
-    return root, result
+    return root, _run_chain(root, data)
 
 
 def test_cached_chain_deploys_by_step_index(cached_chain):
