@@ -8,6 +8,8 @@ PSNR of samples vs the FP model's (same seeds), digit accuracy, feature-FID agai
 classifier's penultimate features; the FP model's own value is printed first), training wall time.
 
 Usage: python benchmarks/ablation.py [--steps 400] [--samples 200] [--rows 1,2,...] [--out DIR]
+       python benchmarks/ablation.py --evaluate RUN_DIR [RUN_DIR ...]   # the same columns for trained runs
+                                                                        # (e.g. runs/demo after `make demo`)
 """
 
 from __future__ import annotations
@@ -102,6 +104,8 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(str(i + 1) for i in range(len(ROWS))),
                         help="comma-separated row numbers to run (1-based)")
     parser.add_argument("--out", type=Path, default=None, help="keep the run directories here")
+    parser.add_argument("--evaluate", type=Path, nargs="+", default=None,
+                        help="only evaluate these trained run directories (no training)")
     args = parser.parse_args()
 
     bundle = load_model(None)
@@ -113,6 +117,15 @@ def main() -> None:
     fp_fid = quality.feature_fid(bundle.classifier, fp_images, real)
     fp_accuracy = float((bundle.classifier.predict(fp_images) == torch.tensor(labels)).float().mean())
     rows = [["FP (float teacher)", "32", "32", "inf", f"{fp_accuracy:.3f}", f"{fp_fid:.3f}", "-"]]
+    if args.evaluate:
+        for run_dir in args.evaluate:
+            figures = evaluate(run_dir, bundle, labels, fp_images, real, args.sampling_steps, args.seed)
+            rows.append([str(run_dir), f"{figures['avg_bits']:.3f}", f"{figures['stored_bits']:.3f}",
+                         f"{figures['psnr']:.2f}", f"{figures['accuracy']:.3f}", f"{figures['fid']:.3f}", "-"])
+        print_table(f"trained runs ({args.samples} samples, DDIM {args.sampling_steps} steps, CFG 3, seed {args.seed})",
+                    ["run", "avg bits (counted)", "stored bits/w", "PSNR vs FP dB", "digit acc", "feature-FID",
+                     "train s"], rows)
+        return
     wanted = {int(item) for item in args.rows.split(",")}
     settings = dict(START)
     root = args.out or Path(tempfile.mkdtemp(prefix="lowbit-ablation-"))
