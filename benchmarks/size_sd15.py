@@ -29,20 +29,16 @@ Usage: python benchmarks/size_sd15.py [--config sd15|tiny] [--out DIR] [--engine
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gc
-import resource
 import tempfile
-import time
 from pathlib import Path
 
-TARGET_RATIO = 8.0
+from _measure import TARGET_RATIO, Phases, status_gb, byte_split, print_budget, print_split
+
 TARGET_BITS = 1.99
 BITS_TOLERANCE = 0.01
 NUM_STEPS = 50
 SEQ_LEN = 77
 SD15_PARAMS = 859_520_964
-WRAPPED = "unet"  # attribute under which DeployedUNet and the reference's wrapper hold the UNet
 ETA = 0.3  # BitsFusion's size exponent in S(i, b) = MSE(i, b) * N_i^-eta
 
 # diffusers' SD1.5 UNet config (runwayml/stable-diffusion-v1-5 unet/config.json, defaults omitted).
@@ -59,38 +55,6 @@ SD15_UNET = {
 TINY_UNET = {**SD15_UNET, "sample_size": 16, "block_out_channels": (32, 64, 64, 64), "cross_attention_dim": 32,
              "layers_per_block": 1}
 CONFIGS = {"sd15": SD15_UNET, "tiny": TINY_UNET}
-
-
-# ---- measuring ----------------------------------------------------------------------------------------------------
-def _status_gb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(f"{field}:"))
-    return int(line.split()[1]) / 2**20
-
-
-def _rss_gb() -> float:
-    return _status_gb("VmRSS")
-
-
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-class Phases:
-    """Wall time of each phase and the process's peak RSS when it ended (ru_maxrss only grows)."""
-
-    def __init__(self) -> None:
-        self.rows: list[list[object]] = []
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        print(f"-- {name} ...", flush=True)
-        start = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - start
-        gc.collect()
-        self.rows.append([name, round(seconds, 1), round(_peak_rss_gb(), 2), round(_rss_gb(), 2)])
-        print(f"   {name}: {seconds:.1f} s, peak RSS so far {_peak_rss_gb():.2f} GiB", flush=True)
 
 
 # ---- the model and the plan ---------------------------------------------------------------------------------------
@@ -267,77 +231,6 @@ def graph_fingerprint(model) -> list[tuple]:
             for node in model.graph.node]
 
 
-# ---- where the bytes go ---------------------------------------------------------------------------------------------
-def _tensor_bytes(tensor) -> int:
-    from onnx import numpy_helper
-
-    return len(tensor.raw_data) if tensor.raw_data else numpy_helper.to_array(tensor).nbytes
-
-
-def byte_split(model, file_bytes: int, quantized_names: set[str]) -> dict[str, int]:
-    """File bytes by what they hold: packed words, fp16 scales, cached tables, the float weights of the layers the
-    plan quantizes and the time layers' params (the reference), other float params (biases, norms, stored fp16), and
-    the graph: nodes (with their names and Constant values), local function, metadata, protobuf framing."""
-    from lowbit_deploy.quant.plan import is_time_layer
-
-    split = {"packed words": 0, "fp16 scales": 0, "cached time tables": 0, "quantized layers' weights": 0,
-             "time layers' params": 0, "float params": 0}
-    for tensor in model.graph.initializer:
-        # Both graphs hold the UNet as the wrapper's ``unet`` submodule.
-        owner, _, leaf = tensor.name.removeprefix(f"{WRAPPED}.").rpartition(".")
-        if leaf == "packed":
-            key = "packed words"
-        elif leaf == "scale" and owner in quantized_names:
-            key = "fp16 scales"
-        elif leaf == "table":
-            key = "cached time tables"
-        elif leaf == "weight" and owner in quantized_names:
-            key = "quantized layers' weights"
-        elif is_time_layer(owner):
-            key = "time layers' params"
-        else:
-            key = "float params"
-        split[key] += _tensor_bytes(tensor)
-    split["graph"] = file_bytes - sum(split.values())
-    return {key: value for key, value in split.items() if value}
-
-
-def print_split(title: str, split: dict[str, int], total_params: int) -> None:
-    from _common import print_table
-
-    total = sum(split.values())
-    rows = [[key, value, f"{100 * value / total:.2f}%", round(8 * value / total_params, 4)]
-            for key, value in split.items()]
-    rows.append(["total (file)", total, "100%", round(8 * total / total_params, 4)])
-    print_table(title, ["part", "bytes", "share", "bits per UNet param"], rows)
-
-
-def print_budget(plan, split: dict[str, int], fp16_bytes: int, packed_bytes: int) -> None:
-    """The packed file against the target's byte budget, in bits per UNet parameter: what the counted average
-    (BitsFusion's formula) leaves out is what decides the ratio."""
-    total = plan.total_params
-    budget = fp16_bytes / TARGET_RATIO
-    counted_weights = sum(layer.cost_bits * layer.weight_numel for layer in plan.quantized)
-    words_bits = 8 * split.get("packed words", 0)
-    rows = [
-        ["counted: log2(L) of quantized weights", counted_weights / total],
-        ["counted: 16 bits per cached value", 8 * split.get("cached time tables", 0) / total],
-        ["stored words beyond log2(L) (bit-stream groups, padding)", (words_bits - counted_weights) / total],
-        ["fp16 scales (not counted)", 8 * split.get("fp16 scales", 0) / total],
-        ["float params, fp16 (counted as 0 bits)", 8 * split.get("float params", 0) / total],
-        ["graph: nodes, names, function, metadata (not counted)", 8 * split.get("graph", 0) / total],
-        ["= packed file", 8 * packed_bytes / total],
-        [f"budget for {TARGET_RATIO}x (fp16 file / {TARGET_RATIO})", 8 * budget / total],
-    ]
-    from _common import print_table
-
-    print_table("bits per UNet parameter: counted average vs the file", ["part", "bits/param"],
-                [[name, round(value, 5)] for name, value in rows])
-    over = packed_bytes - budget
-    print(f"{'over' if over > 0 else 'under'} the {TARGET_RATIO}x budget by {abs(over):,.0f} bytes "
-          f"({8 * abs(over) / total:.4f} bits/param)")
-
-
 # ---- engines ------------------------------------------------------------------------------------------------------
 def _build_engine_child(onnx_path: str, queue) -> None:
     """One engine build in a fresh process: its memory is returned when it ends and an out-of-memory kill of a
@@ -353,9 +246,9 @@ def _build_engine_child(onnx_path: str, queue) -> None:
                                   (section.min_batch, section.opt_batch, section.max_batch)))
         # VmHWM: the peak of this process's own memory since exec (ru_maxrss would include the parent's peak,
         # which a forked child inherits).
-        queue.put([report.engine_bytes, report.plugin_layers, report.build_seconds, round(_status_gb("VmHWM"), 2)])
+        queue.put([report.engine_bytes, report.plugin_layers, report.build_seconds, round(status_gb("VmHWM"), 2)])
     except Exception as error:  # reported as a row of the table; the benchmark goes on
-        queue.put([f"failed: {type(error).__name__}: {error}", "-", "-", round(_status_gb("VmHWM"), 2)])
+        queue.put([f"failed: {type(error).__name__}: {error}", "-", "-", round(status_gb("VmHWM"), 2)])
 
 
 def build_engines(paths: dict[str, Path], phases: "Phases") -> list[list[object]]:
