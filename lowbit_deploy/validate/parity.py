@@ -98,8 +98,10 @@ def deployment_rounding(trained: Runner, deployed: Runner, inputs: list[Feeds]) 
                     "float params); informative, not gated", **stats.to_dict()}
 
 
-def engine_runner(engine_path: Path, built_for: list[str] | None) -> tuple[Runner | None, str]:
-    """A TensorRT runner for the engine, or None and the reason it cannot run here."""
+def engine_runner(engine_path: Path, built_for: list[str] | None,
+                  signature: DeployedSignature) -> tuple[Runner | None, str]:
+    """A TensorRT runner for the engine (feeds checked against the signature: TensorRT's Gather would read out of
+    bounds on a step index outside the schedule), or None and the reason it cannot run here."""
     if not engine_path.is_file():
         return None, "not run: no engine (run `lowbit-deploy build`)"
     from ..runtime import trt as trt_runtime
@@ -110,6 +112,7 @@ def engine_runner(engine_path: Path, built_for: list[str] | None) -> tuple[Runne
     runner = trt_runtime.TrtRunner(engine_path)
 
     def run(feeds: Feeds) -> torch.Tensor:
+        signature.check_feeds(feeds)
         return runner.infer(feeds)["noise_pred"].float().cpu()
 
     return run, ""
@@ -196,7 +199,7 @@ def validate_run(run_dir: str | Path, *, tolerances: Tolerances | None = None,
     inputs = parity_feeds(signature, bundle.condition, config.batches, config.batch_size, config.seed)
     parity = [output_parity("onnxruntime", deployed, ort, inputs, tolerances)]
     build_entry = _read_report(run_dir).get("build", {})
-    engine, reason = engine_runner(run_dir / "model.engine", build_entry.get("compute_capabilities"))
+    engine, reason = engine_runner(run_dir / "model.engine", build_entry.get("compute_capabilities"), signature)
     parity.append(output_parity("tensorrt", deployed, engine, inputs, tolerances) if engine
                   else ArtifactParity("tensorrt", reason))
     rounding = deployment_rounding(trained_runner(checkpoint.unet, signature), deployed, inputs)
