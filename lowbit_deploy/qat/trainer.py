@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
 from ..analyze.plot import write_plan_plot
+from ..errors import UserError
 from ..io import update_report
 from ..quant.apply import apply_plan, plan_for
 from ..recipes import Recipe
