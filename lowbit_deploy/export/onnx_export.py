@@ -69,17 +69,6 @@ def deployed_float_unet(unet: nn.Module) -> nn.Module:
     return deployed.eval()
 
 
-class _TimestepUNet(nn.Module):
-    """A diffusers UNet called positionally with the (timestep) signature's inputs."""
-
-    def __init__(self, unet: nn.Module) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
-
-
 def trace_to_onnx(model: nn.Module, signature: DeployedSignature, path: Path, opset: int,
                   dtype: torch.dtype = torch.float32) -> onnx.ModelProto:
     """Trace ``model`` (positional inputs in the signature's order) into an ONNX file named by the signature."""
@@ -156,8 +145,9 @@ def export_onnx(unet: nn.Module, out_path: str | Path, *, plan, signature: Deplo
         fp16_path = Path(fp16_reference_path)
         float_signature = signature_for(fp16_source, signature.seq_len)
         with atomic_path(fp16_path) as tmp:
-            fp16_model = trace_to_onnx(_TimestepUNet(fp16_source), float_signature, tmp, opset,
-                                       dtype=torch.float16)
+            # The same deployed wrapper, around the dequantized float UNet with its timestep signature.
+            reference = DeployedUNet(fp16_source, float_signature, plan)
+            fp16_model = trace_to_onnx(reference, float_signature, tmp, opset, dtype=torch.float16)
             fp16_model.ir_version = IR_VERSION
             onnx.helper.set_model_props(fp16_model, {METADATA_SIGNATURE: float_signature.to_json()})
             onnx.save(fp16_model, str(tmp))
