@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .checkpoint import save_checkpoint, save_train_state
+from .checkpoint import commit_train_state, save_checkpoint, save_train_state
 from .objectives import StepLosses
 
 if TYPE_CHECKING:
@@ -101,10 +101,12 @@ class CheckpointCallback(TrainCallback):
 
     def save(self, run: "TrainingRun") -> Path:
         stage, stage_step = run.position
-        path = save_checkpoint(self.run_dir, run.student, self.recipe, self.model_source, run.step, self.quant_plan,
-                               self.signature)
+        # Train state first, weights last: the weights file commits the pair (see qat/checkpoint.py).
         save_train_state(self.run_dir, run.optimizer, run.step, run.generator, stage=stage, stage_step=stage_step,
                          history=self.history.summary(run))
+        path = save_checkpoint(self.run_dir, run.student, self.recipe, self.model_source, run.step, self.quant_plan,
+                               self.signature)
+        commit_train_state(self.run_dir)
         return path
 
 

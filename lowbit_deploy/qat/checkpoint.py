@@ -6,20 +6,28 @@ model source and the recipe. The model is rebuilt from the UNet config and the p
 the recipe -- so a checkpoint always describes exactly the model it was trained as. ``train_state.safetensors``
 beside it holds what ``--resume`` needs: optimizer moments, the global step and the stage position, the data
 generator's state, and the per-stage loss history.
+
+Crash safety: a save writes the train state first and the weights last, so the weights file is the commit point.
+Before a new train state replaces the current one, the current one is kept as ``train_state.previous.safetensors``
+(removed once the weights are written): a run killed at any instant leaves a train state whose step matches the
+weights, which :func:`recover_train_state` puts back in place. A run killed before its first weights file exists has
+no checkpoint (:func:`checkpoint_status` says "incomplete") and starts over. Files are written byte-reproducibly
+(:func:`lowbit_deploy.io.write_safetensors_atomic`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import UserError
-from ..io import atomic_path
+from ..io import write_safetensors_atomic
 from ..quant.apply import apply_plan
 from ..quant.plan import QuantPlan
 from ..recipes import Recipe, recipe_from_json
@@ -29,6 +37,7 @@ CHECKPOINT_FORMAT = "lowbit-deploy/quantized-unet/2"
 CHECKPOINT_DIRNAME = "checkpoint"
 WEIGHTS_FILE = "quantized_unet.safetensors"
 TRAIN_STATE_FILE = "train_state.safetensors"
+PREVIOUS_TRAIN_STATE_FILE = "train_state.previous.safetensors"
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle"}
 
 
@@ -101,10 +110,29 @@ def save_checkpoint(run_dir: Path, unet: torch.nn.Module, recipe: Recipe, model_
         "plan": plan.to_json(),
         "signature": signature.to_json(),
     }
-    state = {name: tensor.detach().contiguous() for name, tensor in unet.state_dict().items()}
-    with atomic_path(target) as tmp:
-        save_file(state, str(tmp), metadata=metadata)
+    write_safetensors_atomic(target, dict(unet.state_dict()), metadata)
     return target
+
+
+def checkpoint_status(run_dir: str | Path) -> str:
+    """"none" (no checkpoint folder), "incomplete" (a run killed before its first weights file was written: only
+    train states or temporary files) or "complete"."""
+    folder = Path(run_dir) / CHECKPOINT_DIRNAME
+    if (folder / WEIGHTS_FILE).is_file():
+        return "complete"
+    return "incomplete" if folder.exists() else "none"
+
+
+def clear_incomplete_checkpoint(run_dir: str | Path) -> None:
+    """Remove what a run killed during its first save left (call under the run lock): it holds no weights."""
+    folder = Path(run_dir) / CHECKPOINT_DIRNAME
+    if checkpoint_status(run_dir) != "incomplete":
+        return
+    if not folder.is_dir():
+        raise UserError(f"{folder} is a file; lowbit-deploy keeps its checkpoint folder there: move the file away")
+    for path in folder.iterdir():
+        if path.is_file() and (path.name.startswith(".") or path.name.startswith("train_state")):
+            path.unlink()
 
 
 def load_checkpoint(location: str | Path) -> QuantizedCheckpoint:
@@ -154,15 +182,43 @@ def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer | None, ste
     metadata = {"format": CHECKPOINT_FORMAT + "/train-state", "step": str(step), "stage": str(stage),
                 "stage_step": str(stage_step), "param_groups": json.dumps(optimizer_state["param_groups"]),
                 "history": json.dumps(history or [])}
-    with atomic_path(target) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    if target.is_file():
+        # Keep the state that matches the weights on disk until the new weights are written (see the module doc).
+        os.replace(target, target.with_name(PREVIOUS_TRAIN_STATE_FILE))
+    write_safetensors_atomic(target, tensors, metadata)
     return target
+
+
+def commit_train_state(run_dir: Path) -> None:
+    """After the weights are written: the previous train state no longer matches anything."""
+    (Path(run_dir) / CHECKPOINT_DIRNAME / PREVIOUS_TRAIN_STATE_FILE).unlink(missing_ok=True)
+
+
+def _train_state_step(path: Path) -> int | None:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return int((handle.metadata() or {})["step"])
+    except (SafetensorError, OSError, ValueError, KeyError):
+        return None
+
+
+def recover_train_state(run_dir: Path, checkpoint_step: int) -> None:
+    """Put the train state matching the weights at ``checkpoint_step`` in place after a run killed while saving
+    (call under the run lock): the current one if it matches, else the previous one."""
+    folder = Path(run_dir) / CHECKPOINT_DIRNAME
+    current, previous = folder / TRAIN_STATE_FILE, folder / PREVIOUS_TRAIN_STATE_FILE
+    if previous.is_file() and _train_state_step(current) != checkpoint_step \
+            and _train_state_step(previous) == checkpoint_step:
+        os.replace(previous, current)
+    previous.unlink(missing_ok=True)
 
 
 def read_train_state(run_dir: Path) -> TrainState:
     path = Path(run_dir) / CHECKPOINT_DIRNAME / TRAIN_STATE_FILE
     if not path.is_file():
-        raise UserError(f"cannot resume: {path} is missing; start without --resume or pick the right --out")
+        raise UserError(f"cannot resume: {path} (the optimizer state) is missing, so the run cannot continue "
+                        f"where it stopped; use the checkpoint as it is (`lowbit-deploy export`), or train into a "
+                        f"new --out")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

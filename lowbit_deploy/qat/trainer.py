@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,16 +18,20 @@ import torch
 
 from ..analyze.plot import write_plan_plot
 from ..errors import UserError
-from ..io import update_report
+from ..io import remove_stale_temporaries, update_report
 from ..quant.apply import apply_plan, plan_for
 from ..recipes import Recipe
+from ..run_dir import check_output_dir, run_lock
 from .callbacks import CheckpointCallback, LossHistory, ProgressBar, TrainCallback
 from .checkpoint import (
     CHECKPOINT_DIRNAME,
     TrainState,
     check_same_step,
+    checkpoint_status,
+    clear_incomplete_checkpoint,
     load_checkpoint,
     read_train_state,
+    recover_train_state,
     restore_optimizer,
 )
 from .data import resolve_source
@@ -110,6 +115,24 @@ def _resume_into(run: TrainingRun, state: TrainState, run_dir: Path) -> None:
         restore_optimizer(run.optimizer, state, run_dir)
 
 
+def _check_run_dir(run_dir: Path, resume: bool) -> bool:
+    """Refuse an unusable ``--out`` before anything is loaded; returns whether there is a checkpoint to resume.
+
+    A run killed before its first checkpoint was complete left nothing to continue: plain ``train`` starts it over
+    and so does ``--resume`` (with a warning), so one command recovers from a crash at any instant."""
+    check_output_dir(run_dir)
+    status = checkpoint_status(run_dir)
+    if status == "complete" and not resume:
+        raise UserError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose a new --out")
+    if resume and status == "none":
+        raise UserError(f"no quantized checkpoint at {run_dir} to resume (no {CHECKPOINT_DIRNAME}/ folder); start "
+                        f"without --resume, or pass the --out of the run to continue")
+    if resume and status == "incomplete":
+        warnings.warn(f"{run_dir} holds only an incomplete first checkpoint (the run was stopped while writing it); "
+                      f"training starts from step 0", stacklevel=3)
+    return resume and status == "complete"
+
+
 def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None, steps: int | None = None,
           resume: bool = False, progress: bool = True,
           callbacks: tuple[TrainCallback, ...] = ()) -> TrainResult:
@@ -125,8 +148,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
     config = recipe.train
     stage_plan: StagePlan = resolve_stages(config, steps)
     run_dir = Path(run_dir)
-    if not resume and (run_dir / CHECKPOINT_DIRNAME).exists():
-        raise UserError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose a new --out")
+    resume = _check_run_dir(run_dir, resume)
     model_path = _resolved(model_path or recipe.model.path)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -136,20 +158,27 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
     check_stage_data(stage_plan, lambda source: resolve_source(source, bundle))
     run = TrainingRun(student, teacher, bundle, DDPMScheduler.from_config(bundle.scheduler_config),
                       torch.Generator().manual_seed(config.seed), stage_plan, config.batch_size, config.weight_decay)
-    state = None
-    if resume:
-        state = read_train_state(run_dir)
-        check_same_step(checkpoint_step, state.step, run_dir)
-        _resume_into(run, state, run_dir)
-    history = LossHistory(stage_plan, state.history if state else None)
-    checkpoints = CheckpointCallback(run_dir, recipe, model_path, plan, signature, config.checkpoint_every, history)
-    started = time.perf_counter()
-    run_stages(run, [history, checkpoints, ProgressBar(progress), *callbacks])
-    losses = [step.total for step in history.losses]
-    result = TrainResult(str(checkpoints.checkpoint), run.step, time.perf_counter() - started,
-                         losses[0] if losses else None, losses[-1] if losses else None,
-                         plan.average_bits(signature.num_steps), len(plan.quantized), losses, history.summary())
-    plot = write_plan_plot(Path(run_dir) / "plan.png", plan, signature.num_steps)
-    update_report(run_dir, "train", {**result.summary(), "plan": plan.summary(signature.num_steps),
-                                     "plan_png": str(plot), "signature": signature.to_dict()})
+    with run_lock(run_dir):
+        if checkpoint_status(run_dir) != ("complete" if resume else "none"):
+            _check_run_dir(run_dir, resume)  # another process got here first: say what is there now
+        clear_incomplete_checkpoint(run_dir)
+        remove_stale_temporaries(run_dir / CHECKPOINT_DIRNAME)
+        state = None
+        if resume:
+            recover_train_state(run_dir, checkpoint_step)
+            state = read_train_state(run_dir)
+            check_same_step(checkpoint_step, state.step, run_dir)
+            _resume_into(run, state, run_dir)
+        history = LossHistory(stage_plan, state.history if state else None)
+        checkpoints = CheckpointCallback(run_dir, recipe, model_path, plan, signature, config.checkpoint_every,
+                                         history)
+        started = time.perf_counter()
+        run_stages(run, [history, checkpoints, ProgressBar(progress), *callbacks])
+        losses = [step.total for step in history.losses]
+        result = TrainResult(str(checkpoints.checkpoint), run.step, time.perf_counter() - started,
+                             losses[0] if losses else None, losses[-1] if losses else None,
+                             plan.average_bits(signature.num_steps), len(plan.quantized), losses, history.summary())
+        plot = write_plan_plot(Path(run_dir) / "plan.png", plan, signature.num_steps)
+        update_report(run_dir, "train", {**result.summary(), "plan": plan.summary(signature.num_steps),
+                                         "plan_png": str(plot), "signature": signature.to_dict()})
     return result
