@@ -36,7 +36,10 @@ def read_signature(onnx_path: str | Path) -> DeployedSignature:
 
 
 class OrtRunner:
-    """Loads lazily on first use; ``__call__(feeds)`` takes and returns torch tensors (a sampling runner)."""
+    """Loads lazily on first use; ``__call__(feeds)`` takes and returns torch tensors (a sampling runner and a
+    :class:`~lowbit_deploy.runtime.runners.Runner`)."""
+
+    name = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None,
                  signature: DeployedSignature | None = None) -> None:
