@@ -123,3 +123,23 @@ def check_run_dir_exists(run_dir: str | os.PathLike, produced_by: str) -> Path:
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist; run `{produced_by}` first, or check the path")
     return run_dir
+
+
+def check_onnx_matches_checkpoint(run_dir: str | os.PathLike):
+    """``run_dir/model.onnx`` must have been exported from ``run_dir``'s checkpoint (same deployed signature):
+    a file copied from another run would be built or validated against the wrong model. Returns the signature."""
+    from .qat.checkpoint import checkpoint_file, read_metadata
+    from .runtime.ort import read_signature
+    from .signature import DeployedSignature
+
+    run_dir = Path(run_dir)
+    onnx_path = run_dir / "model.onnx"
+    exported = read_signature(onnx_path)
+    trained = DeployedSignature.from_json(read_metadata(checkpoint_file(run_dir))["signature"])
+    if exported != trained:
+        differences = [f"{key}: onnx {value!r} vs checkpoint {trained.to_dict()[key]!r}"
+                       for key, value in exported.to_dict().items() if trained.to_dict().get(key) != value]
+        raise UserError(f"{onnx_path} was exported from another model: its signature differs from the checkpoint's "
+                        f"({'; '.join(differences)[:300]}); run `lowbit-deploy export {run_dir}` to export this "
+                        f"run's checkpoint again")
+    return exported

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..io import atomic_path, update_report
+from ..io import atomic_path, remove_stale_temporaries, update_report
 from ..quant.apply import quantized_layers
 from ..quant.fake_quant import deployed_float_layer
 from ..runtime.ort import METADATA_SIGNATURE
@@ -158,9 +158,17 @@ def export_onnx(unet: nn.Module, out_path: str | Path, *, plan, signature: Deplo
 def export_run(run_dir: str | Path) -> ExportReport:
     """The ``export`` stage: read ``run_dir``'s checkpoint, write ``model.onnx`` (+ ``model_fp16.onnx``)."""
     from ..qat.checkpoint import load_checkpoint
+    from ..run_dir import check_output_dir, check_run_dir_exists, run_lock
 
-    run_dir = Path(run_dir)
+    run_dir = check_run_dir_exists(run_dir, "lowbit-deploy train RECIPE --out RUN_DIR")
     checkpoint = load_checkpoint(run_dir)
+    check_output_dir(run_dir, "RUN_DIR")
+    with run_lock(run_dir):
+        remove_stale_temporaries(run_dir)
+        return _export_locked(run_dir, checkpoint)
+
+
+def _export_locked(run_dir: Path, checkpoint) -> ExportReport:
     config = checkpoint.recipe.export
     if not config.export_fp16_reference:
         # A reference left by an earlier export would otherwise be built and compared against this model.
