@@ -1,19 +1,18 @@
 """The ``lowbit-deploy`` command line: each subcommand parses, calls one library function, and prints.
 
-Every command ends with one line ``PASSED|FAILED | Runtime: Ns | Command: ...``. User errors print a message and
-exit with status 2, without a traceback; internal errors keep theirs.
+Every command ends with one line ``PASSED|FAILED | Runtime: Ns | Command: ...``; the exit codes, ``--json``,
+``--debug``, ``--quiet`` and ``-v`` are cli_output.py's (documented there and in docs/ci.md). A subcommand returns
+False for FAILED and hands its result data to :func:`report_result` for ``--json``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import sys
-import time
 from pathlib import Path
 
 import click
 
+from .cli_output import PROGRESS, LowbitGroup, report_result, stage
 from .errors import UserError
 
 RECIPE = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
@@ -24,42 +23,18 @@ PLUGIN = click.option("--plugin", type=click.Choice(["cpp", "python"]), default=
                            "are byte-identical).")
 
 
-def _command_line() -> str:
-    return " ".join(["lowbit-deploy", *sys.argv[1:]])
-
-
-def _finish(passed: bool, started: float) -> None:
-    verdict = "PASSED" if passed else "FAILED"
-    click.echo(f"{verdict} | Runtime: {time.perf_counter() - started:.1f}s | Command: {_command_line()}")
-    if not passed:
-        sys.exit(1)
-
-
-def stage(func):
-    """Wrap a subcommand: time it, turn UserError into a clean message + exit 2, print the closing line."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        started = time.perf_counter()
-        try:
-            passed = func(*args, **kwargs)
-        except UserError as error:
-            click.echo(f"error: {error}", err=True)
-            click.echo(f"FAILED | Runtime: {time.perf_counter() - started:.1f}s | Command: {_command_line()}")
-            sys.exit(2)
-        _finish(passed is not False, started)
-
-    return wrapper
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LowbitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lowbit-deploy")
 def main() -> None:
     """Quantize a diffusers UNet to 1-8-bit weights, export packed ONNX, build TensorRT engines with low-bit
     plugins, and validate every artifact against PyTorch.
 
     Typical use: `lowbit-deploy run recipes/tiny-w2-balanced.yaml --out runs/w2` (all stages), or the stages one by
-    one: train -> export -> build -> validate on the same RUN_DIR.
+    one: train -> export -> build -> validate on the same RUN_DIR. `lowbit-deploy inspect RUN_DIR` shows what a run
+    holds.
+
+    Exit codes: 0 passed, 1 failed (a check did not pass), 2 bad input, 70 internal error, 130 interrupted (Ctrl-C).
+    --json, --debug, -q and -v are accepted before or after the command (docs/ci.md).
     """
 
 
@@ -73,7 +48,7 @@ def main() -> None:
               help="Override train.steps (0 = post-training quantization only). With train.stages: stop after N "
                    "steps in total (stages in order); --resume without it continues to the end.")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint already in --out from its last saved step.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@PROGRESS
 @stage
 def train(recipe: Path, run_dir: Path, model_path: str | None, steps: int | None, resume: bool,
           progress: bool) -> bool:
@@ -83,6 +58,7 @@ def train(recipe: Path, run_dir: Path, model_path: str | None, steps: int | None
 
     result = run_training(load_recipe(recipe), run_dir, model_path=model_path, steps=steps, resume=resume,
                           progress=progress)
+    report_result(result.summary())
     click.echo(f"checkpoint: {result.checkpoint}  ({result.quantized_layers} quantized layers, "
                f"{result.average_bits:.2f} average bits, loss {result.first_loss} -> {result.last_loss})")
     return True
@@ -96,6 +72,7 @@ def export(run_dir: Path) -> bool:
     from .export.onnx_export import export_run
 
     report = export_run(run_dir)
+    report_result(report.to_dict())
     click.echo(f"onnx: {report.onnx_path}  {report.onnx_bytes:,} bytes, {report.lowbit_nodes} lowbit nodes")
     if report.fp16_onnx_bytes:
         click.echo(f"fp16 reference: {report.fp16_onnx_bytes:,} bytes  (packed is {report.size_ratio_vs_fp16:.2f}x "
@@ -117,6 +94,7 @@ def build(run_dir: Path, compute_capabilities: tuple[str, ...], fp16_reference: 
     from .pipeline import build_run
 
     report = build_run(run_dir, list(compute_capabilities) or None, fp16_reference, plugin=plugin).report
+    report_result(report)
     click.echo(f"engine: {report['engine_path']}  {report['engine_bytes']:,} bytes, "
                f"{report['plugin_layers']} plugin layers, backend {report['backend']}, {report['plugin']} plugin"
                + (f" ({report['plugin_library']})" if report.get("plugin_library") else ""))
@@ -155,6 +133,7 @@ def validate(run_dir: Path, max_abs, max_rel, min_cosine, min_sqnr_db, min_psnr_
                                                 num_steps=sampling_steps).items() if v is not None}
     report = validate_run(run_dir, tolerances=with_overrides(config.tolerances, tolerance_overrides),
                           sampling=with_overrides(config.sampling, sampling_overrides), skip_sampling=skip_sampling)
+    report_result(report.to_dict())
     _print_validation(report.to_dict())
     return report.passed
 
@@ -190,7 +169,7 @@ def _print_validation(report: dict) -> None:
 @click.option("--steps", type=click.IntRange(min=0), default=None, help="Override train.steps.")
 @click.option("--build/--no-build", default=True, help="Build the TensorRT engine (needs TensorRT or TensorRT-RTX).")
 @PLUGIN
-@click.option("--progress/--no-progress", default=True)
+@PROGRESS
 @stage
 def run(recipe: Path, run_dir: Path, model_path, steps, build: bool, plugin: str, progress: bool) -> bool:
     """All stages in one RUN_DIR: train -> export -> build -> validate; writes report.json, report.md, samples.png."""
@@ -198,6 +177,7 @@ def run(recipe: Path, run_dir: Path, model_path, steps, build: bool, plugin: str
 
     summary = run_pipeline(recipe, run_dir, model_path=model_path, steps=steps, progress=progress, build=build,
                            plugin=plugin)
+    report_result(summary)
     click.echo(f"train: {json.dumps(summary['train'])}")
     export_report = summary["export"]
     click.echo(f"export: {export_report['onnx_bytes']:,} bytes packed ONNX" + (
@@ -221,7 +201,7 @@ def run(recipe: Path, run_dir: Path, model_path, steps, build: bool, plugin: str
               help="Local diffusers checkpoint folder (overrides the recipe's model.path; default: embedded model).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Parallel processes measuring candidates (overrides analyze.workers).")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@PROGRESS
 @stage
 def analyze(recipe: Path, out_dir: Path, model_path: str | None, workers: int | None, progress: bool) -> bool:
     """BitsFusion's sensitivity analysis of RECIPE's model: a mixed-precision plan (OUT/plan.json) at the recipe's
@@ -230,11 +210,30 @@ def analyze(recipe: Path, out_dir: Path, model_path: str | None, workers: int | 
     from .recipes import load_recipe
 
     result = run_analysis(load_recipe(recipe), out_dir, model_path=model_path, workers=workers, progress=progress)
+    report_result({"plan_path": result.plan_path, "average_bits": result.average_bits, "target": result.target,
+                   "threshold": result.assignment.threshold, "candidates": result.candidates,
+                   "computed": result.computed, "seconds": result.seconds, "metric": result.metric})
     click.echo(f"plan: {result.plan_path}  ({result.average_bits:.4f} average bits, target {result.target}; "
                f"S_o={result.assignment.threshold:.4g}; {result.computed} of {result.candidates} candidates "
                f"measured now)")
     click.echo(f"semantic metric: {result.metric}")
     click.echo(f"report: {out_dir / 'report.md'}")
+    return True
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@stage
+def inspect(run_dir: Path) -> bool:
+    """What RUN_DIR holds, without loading weights: the plan (layers per bit width and role, average bits), packing
+    formats and stored bits per weight of model.onnx, the deployed signature, every file's size, and what
+    validation found per backend. Missing pieces are listed as missing."""
+    from .inspect_run import describe_run, inspect_run
+
+    info = inspect_run(run_dir)
+    report_result(info)
+    for line in describe_run(info):
+        click.echo(line)
     return True
 
 

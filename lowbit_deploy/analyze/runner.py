@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from ..errors import UserError
+from ..progress import show_progress
 
 CACHE_NAME = "candidates.jsonl"
 
@@ -129,7 +130,7 @@ def run_candidates(recipe, model_path: str | None, jobs: Sequence[Job], out_dir:
     todo = [job for job in jobs if job not in cached]
     records = {job: cached[job] for job in jobs if job in cached}
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="analyze", unit="candidate",
-               disable=not progress)
+               disable=not show_progress(progress))
     try:
         if todo:
             workers = max(1, min(workers, len(todo)))

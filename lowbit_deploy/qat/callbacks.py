@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..progress import show_progress
 from .checkpoint import commit_train_state, save_checkpoint, save_train_state
 from .objectives import StepLosses
 
@@ -111,14 +112,14 @@ class CheckpointCallback(TrainCallback):
 
 
 class ProgressBar(TrainCallback):
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool | None) -> None:  # None: only on a terminal (progress.show_progress)
         self.enabled, self.bar = enabled, None
 
     def on_train_begin(self, run: "TrainingRun") -> None:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=run.plan.end_step, initial=min(run.step, run.plan.end_step), desc="QAT",
-                        disable=not self.enabled)
+                        disable=not show_progress(self.enabled))
 
     def on_stage_begin(self, run: "TrainingRun") -> None:
         self.bar.set_description(f"QAT {run.stage.label}")
