@@ -17,6 +17,7 @@ _LAZY = {
     "BACKENDS": "runners",
     "BackendUnavailableError": "runners",
     "EngineRunner": "runners",
+    "TorchRunner": "runners",
     "open_runner": "runners",
     "register_backend": "runners",
     "OrtRunner": "ort",

@@ -90,7 +90,8 @@ def backend_for(path: str | os.PathLike[str], backend: str | None = None) -> Bac
 def open_runner(path: str | os.PathLike[str], backend: str | None = None, *,
                 signature: DeployedSignature | None = None, threads: int | None = None,
                 built_for: list[str] | tuple[str, ...] | None = None, tensorrt: str | None = None) -> Runner:
-    """A :class:`Runner` for an exported file: ``.onnx`` runs on ONNX Runtime (CPU), ``.engine`` on TensorRT (GPU).
+    """A :class:`Runner` for an exported file: ``.onnx`` runs on ONNX Runtime (CPU), ``.engine`` on TensorRT (GPU),
+    a run's ``checkpoint/quantized_unet.safetensors`` as the PyTorch deployed model (the reference).
 
     ``backend`` overrides the choice by suffix (see ``BACKENDS``). Problems are :class:`UserError`; a backend that
     cannot run on this machine raises :class:`BackendUnavailableError` naming why."""
@@ -112,6 +113,40 @@ def _open_onnxruntime(path: Path, options: RunnerOptions) -> Runner:
     from .ort import OrtRunner
 
     return OrtRunner(path, threads=options.threads, signature=options.signature)
+
+
+# ---- PyTorch (the reference) ------------------------------------------------------------------------------------
+class TorchRunner:
+    """The checkpoint rewritten by the export handlers (``export.deployed.deploy_unet``): exactly what the ONNX file
+    and the engine compute, in PyTorch on the CPU -- the reference every artifact is compared with."""
+
+    name = "torch"
+
+    def __init__(self, checkpoint_path: str | os.PathLike[str]) -> None:
+        from ..export.deployed import deploy_unet
+        from ..export.handlers import ExportOptions
+        from ..qat.checkpoint import load_checkpoint
+
+        checkpoint = load_checkpoint(checkpoint_path)
+        self.signature = checkpoint.signature
+        export = checkpoint.recipe.export
+        options = ExportOptions(packing=export.packing, float_storage=export.float_storage)
+        self.module = deploy_unet(checkpoint.unet, checkpoint.plan, self.signature, options, inplace=True)
+
+    def __call__(self, feeds: Mapping[str, "torch.Tensor"]) -> "torch.Tensor":
+        import torch
+
+        self.signature.check_feeds(feeds)
+        with torch.no_grad():
+            return self.module(*(feeds[name] for name in self.signature.input_names)).float()
+
+
+@register_backend("torch", (".safetensors",), "the PyTorch deployed model of a run's checkpoint (the reference)")
+def _open_torch(path: Path, options: RunnerOptions) -> Runner:
+    runner = TorchRunner(path)
+    if options.signature is not None and options.signature != runner.signature:
+        raise UserError(f"{path} was trained with another signature than the one given; drop signature=")
+    return runner
 
 
 # ---- TensorRT --------------------------------------------------------------------------------------------------
@@ -176,4 +211,4 @@ def _open_tensorrt(path: Path, options: RunnerOptions) -> Runner:
 
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "EngineRunner", "Runner", "RunnerOptions",
-           "backend_for", "open_runner", "register_backend"]
+           "TorchRunner", "backend_for", "open_runner", "register_backend"]
