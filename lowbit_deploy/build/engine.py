@@ -7,17 +7,18 @@ the GPU present. The engine is written atomically: a temporary file in the targe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from ..errors import UserError
+from ..io import atomic_path
 from .plugin import OP_NAME, PLUGIN_NAMESPACE
 from .plugin_library import DEFAULT_PLUGIN, PLUGIN_KINDS, check_plugin_library, use_plugins
 from .tensorrt_import import TensorRTBackend, tensorrt_backend
@@ -107,11 +108,50 @@ def _parse_onnx(onnx_path: Path, backend: TensorRTBackend, plugin: str) -> tuple
     return builder, network, parser
 
 
+def capability_flag(member_name: str) -> str:
+    """TensorRT-RTX's enum member name ("SM89", "SM120") as the MAJOR.MINOR the flag and the recipe take."""
+    digits = member_name.removeprefix("SM")
+    return f"{digits[:-1]}.{digits[-1]}" if digits.isdigit() and len(digits) > 1 else member_name
+
+
+@contextlib.contextmanager
+def captured_errors() -> Iterator[list[str]]:
+    """Collect the ERROR lines Polygraphy and TensorRT log while the body runs (they still print).
+
+    TensorRT states the real cause (e.g. a profile dimension that does not fit the network) only in its log; the
+    exception Polygraphy raises afterwards just says "Invalid Engine"."""
+    from polygraphy.logger import G_LOGGER
+
+    errors: list[str] = []
+    original = G_LOGGER.log
+
+    def log(message, severity, *args, **kwargs):
+        if severity >= G_LOGGER.ERROR:
+            errors.append(str(message() if callable(message) else message).strip())
+        return original(message, severity, *args, **kwargs)
+
+    G_LOGGER.log = log
+    try:
+        yield errors
+    finally:
+        del G_LOGGER.log  # the class's method again
+
+
+def build_failure_message(onnx_path: Path, errors: Sequence[str], detail: str = "") -> str:
+    """A build failure quoting TensorRT's own error lines (the last few, deduplicated), with the usual fixes."""
+    quoted = list(dict.fromkeys(line for line in errors if line))[-3:]
+    cause = "; ".join(line.replace("\n", " ")[:300] for line in quoted) or detail or "no error was logged"
+    return (f"building an engine from {onnx_path} failed: TensorRT: {cause}. Re-export this run's model "
+            f"(`lowbit-deploy export RUN_DIR`) if model.onnx came from elsewhere; otherwise check the "
+            f"build section of the recipe (batch sizes, compute capabilities) against the GPU and TensorRT version")
+
+
 def _capability_enum(trt: Any, major: int, minor: int) -> Any:
     member = getattr(trt.ComputeCapability, f"SM{major}{minor}", None)
     if member is None:
-        available = [name for name in trt.ComputeCapability.__members__ if name.startswith("SM")]
-        raise UserError(f"compute capability {major}.{minor} is not a TensorRT-RTX target; choose from {available}")
+        available = [capability_flag(name) for name in trt.ComputeCapability.__members__ if name.startswith("SM")]
+        raise UserError(f"compute capability {major}.{minor} is not a TensorRT-RTX target; pass one of "
+                        f"{', '.join(available)} to --compute-capability (or build.compute_capabilities)")
     return member
 
 
@@ -174,13 +214,14 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     from polygraphy.backend.trt import EngineBytesFromNetwork
     from polygraphy.exception import PolygraphyException
 
-    try:
-        serialized = EngineBytesFromNetwork((builder, network, parser), config=config)()
-    except PolygraphyException as error:
-        raise UserError(f"building an engine from {onnx_path} failed: {error}") from None
+    with captured_errors() as errors:
+        try:
+            serialized = EngineBytesFromNetwork((builder, network, parser), config=config)()
+        except PolygraphyException as error:
+            raise UserError(build_failure_message(onnx_path, errors, str(error))) from None
     payload = bytes(memoryview(serialized)) if serialized is not None else b""
     if not payload:
-        raise UserError(f"TensorRT produced no engine for {onnx_path}; see the TensorRT log above")
+        raise UserError(build_failure_message(onnx_path, errors, "TensorRT produced no engine"))
     seconds = time.perf_counter() - start
     _write_atomically(engine_path, payload)
     warnings = [] if plugin_layers else [f"no {PLUGIN_NAMESPACE}::{OP_NAME} layers: weights are not kept packed"]
@@ -197,11 +238,5 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
 
 def _write_atomically(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(payload)

@@ -61,12 +61,19 @@ def _resolve_unet_folder(root: Path, subfolder: str | None) -> tuple[Path, str |
         subfolder = "unet"
     folder = root / subfolder if subfolder else root
     if not folder.is_dir():
-        raise UserError(f"subfolder {subfolder!r} does not exist in {root}; "
-                        f"available: {', '.join(sorted(p.name for p in root.iterdir() if p.is_dir())) or 'none'}")
+        raise UserError(f"subfolder {subfolder!r} (recipe key model.subfolder) does not exist in {root}; set it to "
+                        f"one of: {', '.join(sorted(p.name for p in root.iterdir() if p.is_dir())) or 'none'}")
     if not (folder / UNET_CONFIG).is_file():
-        raise UserError(f"{folder} has no {UNET_CONFIG}, so it is not a diffusers UNet folder; point at the "
-                        f"checkpoint root (with unet/config.json) or pass subfolder= the folder holding the UNet "
-                        f"config, or re-save the model with UNet2DConditionModel.save_pretrained")
+        if subfolder is None and (root / "unet").is_dir():
+            folder = root / "unet"  # SD's layout with the UNet's config missing: name the folder that lacks it
+        holding = sorted(p.parent.name for p in root.glob(f"*/{UNET_CONFIG}")
+                         if p.parent != folder and (p.parent / "diffusion_pytorch_model.safetensors").is_file())
+        hint = (f"set `model.subfolder: {holding[0]}` in the recipe (subfolders with a UNet config: "
+                f"{', '.join(holding)})" if holding else
+                "set `model.subfolder: NAME` in the recipe to the folder that holds the UNet's config.json")
+        raise UserError(f"{folder} has no {UNET_CONFIG}, so it is not a diffusers UNet folder; copy the "
+                        f"config.json saved with these weights there, {hint}, or re-save the model with "
+                        f"UNet2DConditionModel.save_pretrained")
     return folder, subfolder
 
 
@@ -83,7 +90,7 @@ def _check_config(folder: Path) -> dict:
     return config
 
 
-def _check_weights(folder: Path) -> None:
+def _check_weights(folder: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import SafetensorError, safe_open
 
     safetensors_files = sorted(folder.glob("*.safetensors"))
@@ -94,15 +101,40 @@ def _check_weights(folder: Path) -> None:
                             f"safetensors only; {_fix_hint(folder)}")
         raise UserError(f"{folder} has no weights (expected diffusion_pytorch_model.safetensors next to "
                         f"config.json); copy the weights there or re-save with save_pretrained")
+    shapes: dict[str, tuple[int, ...]] = {}
     for path in safetensors_files:
         try:
             with safe_open(str(path), framework="pt") as handle:
-                names = list(handle.keys())
-                for name in names:
-                    handle.get_slice(name).get_shape()
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
         except (SafetensorError, OSError, ValueError) as error:
             raise UserError(f"weights file {path} is corrupt or truncated ({error}); re-download or re-export "
                             f"the checkpoint with save_pretrained(safe_serialization=True)") from error
+    return shapes
+
+
+def _check_shapes(folder: Path, config: dict, stored: dict[str, tuple[int, ...]]) -> None:
+    """Compare the weights' shapes with the model config.json describes before loading anything.
+
+    diffusers reports a mismatch as one line per tensor and suggests ``ignore_mismatched_sizes=True``, which would
+    initialise those layers randomly -- not something to quantize. Only tensors named in both are compared: diffusers
+    renames some legacy keys while loading, and missing keys are caught after it."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated, also for SD-sized configs
+            expected = {name: tuple(tensor.shape)
+                        for name, tensor in UNet2DConditionModel.from_config(config).state_dict().items()}
+    except Exception:  # noqa: BLE001 -- a config diffusers rejects is reported by from_pretrained below
+        return
+    mismatched = [name for name, shape in stored.items() if name in expected and expected[name] != shape]
+    if mismatched:
+        first = mismatched[0]
+        raise UserError(f"the weights in {folder} do not fit its {UNET_CONFIG}: {len(mismatched)} tensors have other "
+                        f"shapes (e.g. {first}: {list(stored[first])} in the weights, {list(expected[first])} by the "
+                        f"config), so the config belongs to another model; put the config.json saved with these "
+                        f"weights next to them (UNet2DConditionModel.save_pretrained writes both)")
 
 
 def _load_unet(folder: Path, root: Path, subfolder: str | None):
@@ -113,8 +145,10 @@ def _load_unet(folder: Path, root: Path, subfolder: str | None):
             str(root), subfolder=subfolder, local_files_only=True, use_safetensors=True, output_loading_info=True,
             low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
-        raise UserError(f"cannot load the UNet from {folder}: {error}; check that config.json and the "
-                        f"safetensors weights belong together (re-export with save_pretrained)") from error
+        # diffusers' message can run to one line per tensor and name loader options the CLI cannot pass.
+        summary = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot load the UNet from {folder}: {summary}; check that config.json and the "
+                        f"safetensors weights belong together (re-export with save_pretrained)") from None
     # diffusers only warns about missing weights and initialises them randomly; a silently random layer would
     # then be quantized and "validated" against itself.
     problems = {kind: info.get(kind) for kind in ("missing_keys", "mismatched_keys", "unexpected_keys")}
@@ -157,7 +191,7 @@ def load_model_from(path: str | os.PathLike, subfolder: str | None):
     root = Path(path).expanduser().resolve()
     folder, subfolder = _resolve_unet_folder(root, subfolder)
     config = _check_config(folder)
-    _check_weights(folder)
+    _check_shapes(folder, config, _check_weights(folder))
     unet = _load_unet(folder, root, subfolder)
     # A folder laid out like the default (prompt_encoder/ beside unet/) keeps its prompts and its judge.
     if (root / "prompt_encoder" / "config.json").is_file():
