@@ -279,10 +279,21 @@ class Recipe(_Strict):
         return self.model_dump_json(by_alias=True)
 
 
+def _location(loc: tuple) -> str:
+    """A pydantic error location as a recipe author counts: list items from 1 ("quantize.layers (rule 1).bits")."""
+    where = ""
+    for previous, part in zip((None, *loc), loc):
+        if isinstance(part, int):
+            where += f" ({'rule' if previous == 'layers' else 'item'} {part + 1})"
+        else:
+            where += f".{part}" if where else str(part)
+    return where or "(top level)"
+
+
 def _format_validation_error(source: str, error: ValidationError) -> str:
     lines = [f"recipe {source} is invalid:"]
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        where = _location(tuple(item["loc"]))
         if item["type"] == "extra_forbidden":
             lines.append(f"  - {where}: unknown key; remove it or fix its spelling (see recipes/README.md)")
         elif item["type"] == "literal_error" and where == "version":
