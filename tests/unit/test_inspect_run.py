@@ -123,7 +123,9 @@ def test_corrupt_pieces_are_reported_unreadable(tmp_path):
     assert info["checkpoint"]["status"] == "unreadable" and "someone-else/1" in info["checkpoint"]["detail"]
     assert info["validation"]["status"] == "unreadable" and info["build"]["status"] == "unreadable"
     assert info["plan"]["status"] == "missing"
-    describe_run(info)  # every status has a human line
+    lines = describe_run(info)
+    assert any(line.startswith("onnx: unreadable (model.onnx: ") for line in lines)
+    assert any(line.startswith("checkpoint: unreadable (format 'someone-else/1'") for line in lines)
 
 
 def test_validation_entry_lists_backends_with_their_figures(tmp_path):
