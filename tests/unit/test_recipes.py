@@ -33,14 +33,14 @@ def test_unknown_key_is_named(tiny_recipe_dict):
 
 def test_unknown_key_in_a_rule_is_named(tiny_recipe_dict):
     tiny_recipe_dict["quantize"]["layers"][0]["bitz"] = 3
-    with pytest.raises(UserError, match=r"quantize\.layers\.0\.bitz: unknown key"):
+    with pytest.raises(UserError, match=r"quantize\.layers \(rule 1\)\.bitz: unknown key"):
         parse_recipe(tiny_recipe_dict)
 
 
 @pytest.mark.parametrize("bits", [0, 9, 16])
 def test_bits_out_of_range(tiny_recipe_dict, bits):
     tiny_recipe_dict["quantize"]["layers"][-1]["bits"] = bits
-    with pytest.raises(UserError, match=r"quantize\.layers\.4\.bits"):
+    with pytest.raises(UserError, match=r"quantize\.layers \(rule 5\)\.bits"):
         parse_recipe(tiny_recipe_dict)
 
 
