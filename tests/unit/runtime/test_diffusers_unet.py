@@ -26,20 +26,29 @@ LABELS = [0, 3, 7, 9]
 CACHED_STEPS = 3       # the schedule of conftest's cached run
 
 
-def _run(request, kind: str):
-    return request.getfixturevalue({"cached": "cached_run", "timestep": "timestep_run"}[kind])
-
-
 def _num_steps(signature) -> int:
     return signature.num_steps if signature.time_input is TimeInput.STEP_INDEX else TIMESTEP_RUN_STEPS
 
 
-def _reference_images(run, bundle):
-    """The project's sampler over the PyTorch deployed model, fed the signature's own time input."""
-    reference = open_runner(run / "checkpoint" / "quantized_unet.safetensors")
-    cond, null = bundle.condition.for_labels(LABELS), bundle.condition.null(len(LABELS))
-    return sample(reference, reference.signature, cond, null, scheduler_config=bundle.scheduler_config,
-                  num_steps=_num_steps(reference.signature), guidance_scale=GUIDANCE, seed=SEED)
+@pytest.fixture(scope="module")
+def drop_ins(cached_run, timestep_run):
+    """One drop-in per run (an ONNX Runtime session takes a second or two to create)."""
+    return {"cached": DeployedUNet2D(cached_run / "model.onnx", threads=1),
+            "timestep": DeployedUNet2D(timestep_run / "model.onnx", threads=1)}
+
+
+@pytest.fixture(scope="module")
+def reference_images(cached_run, timestep_run, default_bundle):
+    """The project's sampler over the PyTorch deployed model, fed the signature's own time input (step indexes for
+    the cached run): the drop-in's timestep lookup is not on this path."""
+    cond, null = default_bundle.condition.for_labels(LABELS), default_bundle.condition.null(len(LABELS))
+    images = {}
+    for kind, run in (("cached", cached_run), ("timestep", timestep_run)):
+        reference = open_runner(run / "checkpoint" / "quantized_unet.safetensors")
+        images[kind] = sample(reference, reference.signature, cond, null,
+                              scheduler_config=default_bundle.scheduler_config,
+                              num_steps=_num_steps(reference.signature), guidance_scale=GUIDANCE, seed=SEED)
+    return images
 
 
 def _diffusers_loop(unet, bundle, num_steps: int) -> torch.Tensor:
@@ -62,11 +71,9 @@ def _diffusers_loop(unet, bundle, num_steps: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["cached", "timestep"])
-def test_diffusers_scheduler_loop_gives_the_pytorch_models_images(request, default_bundle, kind):
-    run = _run(request, kind)
-    unet = DeployedUNet2D(run / "model.onnx", threads=1)
+def test_diffusers_scheduler_loop_gives_the_pytorch_models_images(drop_ins, reference_images, default_bundle, kind):
+    unet, reference = drop_ins[kind], reference_images[kind]
     assert unet.signature.time_input is (TimeInput.STEP_INDEX if kind == "cached" else TimeInput.TIMESTEP)
-    reference = _reference_images(run, default_bundle)
     images = _diffusers_loop(unet, default_bundle, _num_steps(unet.signature))
     assert float(reference.std()) > 0.1, "the reference images are flat: the comparison would prove nothing"
     value = psnr(images, reference)
@@ -74,19 +81,18 @@ def test_diffusers_scheduler_loop_gives_the_pytorch_models_images(request, defau
 
 
 @pytest.mark.parametrize("kind", ["cached", "timestep"])
-def test_project_sampler_drives_the_drop_in(request, default_bundle, kind):
-    run = _run(request, kind)
-    unet = DeployedUNet2D(run / "model.onnx", threads=1)
+def test_project_sampler_drives_the_drop_in(drop_ins, reference_images, default_bundle, kind):
+    unet = drop_ins[kind]
     cond, null = default_bundle.condition.for_labels(LABELS), default_bundle.condition.null(len(LABELS))
     images = sample(unet_runner(unet), unet.timestep_signature, cond, null,
                     scheduler_config=default_bundle.scheduler_config, num_steps=_num_steps(unet.signature),
                     guidance_scale=GUIDANCE, seed=SEED)
-    value = psnr(images, _reference_images(run, default_bundle))
+    value = psnr(images, reference_images[kind])
     assert value >= MIN_PSNR_DB, f"sampler over the drop-in vs PyTorch deployed: {value:.1f} dB"
 
 
-def test_config_is_derived_from_the_signature(cached_run, default_bundle):
-    unet = DeployedUNet2D(cached_run / "model.onnx")
+def test_config_is_derived_from_the_signature(drop_ins, default_bundle):
+    unet = drop_ins["cached"]
     expected = default_bundle.unet.config
     assert unet.config.in_channels == unet.in_channels == expected.in_channels
     assert unet.config.out_channels == expected.out_channels
@@ -96,8 +102,8 @@ def test_config_is_derived_from_the_signature(cached_run, default_bundle):
     assert unet.dtype == torch.float32 and unet.device == torch.device("cpu")
 
 
-def test_step_index_lookup_is_exact(cached_run):
-    signature = DeployedUNet2D(cached_run / "model.onnx").signature
+def test_step_index_lookup_is_exact(drop_ins):
+    signature = drop_ins["cached"].signature
     timesteps = list(signature.step_timesteps)
     assert len(timesteps) == CACHED_STEPS
     looked_up = time_input_for(signature, torch.tensor(timesteps[::-1], dtype=torch.float32), CACHED_STEPS)
@@ -106,8 +112,8 @@ def test_step_index_lookup_is_exact(cached_run):
     assert time_input_for(signature, timesteps[1], 2).tolist() == [1, 1]
 
 
-def test_timestep_forms_broadcast_to_the_batch(timestep_run):
-    unet = DeployedUNet2D(timestep_run / "model.onnx", threads=1)
+def test_timestep_forms_broadcast_to_the_batch(drop_ins):
+    unet = drop_ins["timestep"]
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, *unet.signature.sample_shape, generator=generator)
     states = torch.randn(2, unet.signature.seq_len, unet.signature.cross_attention_dim, generator=generator)
@@ -119,8 +125,8 @@ def test_timestep_forms_broadcast_to_the_batch(timestep_run):
     assert not torch.equal(per_sample[1:], expected[1:])
 
 
-def test_return_dict_false_and_dtype_follow_the_caller(cached_run):
-    unet = DeployedUNet2D(cached_run / "model.onnx", threads=1)
+def test_return_dict_false_and_dtype_follow_the_caller(drop_ins):
+    unet = drop_ins["cached"]
     latents = torch.randn(1, *unet.signature.sample_shape, dtype=torch.float64)
     states = torch.randn(1, unet.signature.seq_len, unet.signature.cross_attention_dim)
     output = unet(latents, unet.signature.step_timesteps[0], states, return_dict=False)
@@ -139,9 +145,9 @@ def test_drop_in_over_an_open_runner(cached_run):
 
 
 # ---- refusals ----------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cached_unet(cached_run):
-    return DeployedUNet2D(cached_run / "model.onnx", threads=1)
+@pytest.fixture
+def cached_unet(drop_ins):
+    return drop_ins["cached"]
 
 
 def _inputs(unet, batch: int = 2, states_batch: int | None = None):
