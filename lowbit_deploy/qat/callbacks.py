@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..progress import show_progress
-from .checkpoint import commit_train_state, save_checkpoint, save_train_state
+from .checkpoint import commit_train_state, save_checkpoint, save_stage_seconds, save_train_state
 from .objectives import StepLosses
 
 if TYPE_CHECKING:
@@ -103,11 +103,13 @@ class CheckpointCallback(TrainCallback):
     def save(self, run: "TrainingRun") -> Path:
         stage, stage_step = run.position
         # Train state first, weights last: the weights file commits the pair (see qat/checkpoint.py).
+        history = self.history.summary(run)
         save_train_state(self.run_dir, run.optimizer, run.step, run.generator, stage=stage, stage_step=stage_step,
-                         history=self.history.summary(run))
+                         history=history)
         path = save_checkpoint(self.run_dir, run.student, self.recipe, self.model_source, run.step, self.quant_plan,
                                self.signature)
         commit_train_state(self.run_dir)
+        save_stage_seconds(self.run_dir, history)
         return path
 
 

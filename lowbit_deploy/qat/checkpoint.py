@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ..errors import UserError
-from ..io import write_safetensors_atomic
+from ..io import write_json_atomic, write_safetensors_atomic
 from ..quant.apply import apply_plan
 from ..quant.plan import QuantPlan
 from ..recipes import Recipe, recipe_from_json
@@ -38,6 +38,7 @@ CHECKPOINT_DIRNAME = "checkpoint"
 WEIGHTS_FILE = "quantized_unet.safetensors"
 TRAIN_STATE_FILE = "train_state.safetensors"
 PREVIOUS_TRAIN_STATE_FILE = "train_state.previous.safetensors"
+TIMES_FILE = "train_times.json"  # wall-clock seconds per stage: kept apart so the safetensors files are reproducible
 _PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt", ".pkl", ".pickle"}
 
 
@@ -179,14 +180,30 @@ def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer | None, ste
     for index, slots in optimizer_state["state"].items():
         for slot, value in slots.items():
             tensors[f"optimizer.{index}.{slot}"] = torch.as_tensor(value).detach().clone()
+    # Wall-clock seconds go to TIMES_FILE (save_stage_seconds): the same run must give the same bytes here.
+    timeless = [{key: value for key, value in entry.items() if key != "seconds"} for entry in history or []]
     metadata = {"format": CHECKPOINT_FORMAT + "/train-state", "step": str(step), "stage": str(stage),
                 "stage_step": str(stage_step), "param_groups": json.dumps(optimizer_state["param_groups"]),
-                "history": json.dumps(history or [])}
+                "history": json.dumps(timeless, sort_keys=True)}
     if target.is_file():
         # Keep the state that matches the weights on disk until the new weights are written (see the module doc).
         os.replace(target, target.with_name(PREVIOUS_TRAIN_STATE_FILE))
     write_safetensors_atomic(target, tensors, metadata)
     return target
+
+
+def save_stage_seconds(run_dir: Path, history: list[dict]) -> None:
+    """The per-stage seconds of ``history`` for the report of a resumed run (stale by one save after a crash)."""
+    write_json_atomic(Path(run_dir) / CHECKPOINT_DIRNAME / TIMES_FILE,
+                      {str(entry["index"]): entry.get("seconds", 0.0) for entry in history})
+
+
+def _stage_seconds(run_dir: Path) -> dict[int, float]:
+    try:
+        return {int(k): float(v) for k, v in
+                json.loads((Path(run_dir) / CHECKPOINT_DIRNAME / TIMES_FILE).read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}  # times are informative only: a missing or damaged file restarts them at 0
 
 
 def commit_train_state(run_dir: Path) -> None:
@@ -231,9 +248,12 @@ def read_train_state(run_dir: Path) -> TrainState:
             _, index, slot = key.split(".", 2)
             state.setdefault(int(index), {})[slot] = value
     optional = {key: int(metadata[key]) if key in metadata else None for key in ("stage", "stage_step")}
+    seconds = _stage_seconds(run_dir)
+    history = [{**entry, "seconds": seconds.get(entry["index"], 0.0)}
+               for entry in json.loads(metadata.get("history", "[]"))]
     return TrainState(int(metadata["step"]), optional["stage"], optional["stage_step"],
                       {"state": state, "param_groups": json.loads(metadata["param_groups"])},
-                      tensors["generator_state"], json.loads(metadata.get("history", "[]")))
+                      tensors["generator_state"], history)
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, state: TrainState, run_dir: Path) -> None:

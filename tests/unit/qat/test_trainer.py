@@ -22,7 +22,7 @@ def test_training_writes_a_loadable_checkpoint(tmp_path, tiny_model_dir, tiny_re
     assert checkpoint.step == 2 and checkpoint.model_source == str(tiny_model_dir.resolve())
     assert quantized_layers(checkpoint.unet)
     assert sorted(p.name for p in (tmp_path / "run" / CHECKPOINT_DIRNAME).iterdir()) == [
-        "quantized_unet.safetensors", "train_state.safetensors"]
+        "quantized_unet.safetensors", "train_state.safetensors", "train_times.json"]
 
 
 def test_resume_continues_bit_identically(tmp_path, tiny_model_dir, tiny_recipe_dict):
