@@ -116,12 +116,20 @@ def build(run_dir: Path, compute_capabilities: tuple[str, ...], fp16_reference: 
               help="Scheduler steps in the sampling comparison (default: the recipe's; a model with cached time "
                    "features samples its own schedule).")
 @click.option("--skip-sampling", is_flag=True, help="Only compare outputs, no end-to-end sampling.")
+@click.option("--per-layer", is_flag=True,
+              help="Also compare every quantized layer's and block's output between PyTorch and ONNX Runtime and "
+                   "name the first one below --per-layer-min-sqnr-db (report.md table, per_layer_sqnr.png).")
+@click.option("--per-layer-min-sqnr-db", type=float, default=None,
+              help="Per-layer SQNR gate in dB (default: the recipe's validate.gates.per_layer_min_sqnr_db).")
+@click.option("--per-layer-chunk", type=click.IntRange(min=1), default=None,
+              help="Layer outputs compared per ONNX Runtime session (bounds memory on large models; default 64).")
 @stage
 def validate(run_dir: Path, max_abs, max_rel, min_cosine, min_sqnr_db, min_psnr_db, samples, sampling_steps,
-             skip_sampling: bool) -> bool:
-    """Compare every artifact in RUN_DIR with the PyTorch quantized model; exit 1 if any tolerance fails.
+             skip_sampling: bool, per_layer: bool, per_layer_min_sqnr_db, per_layer_chunk) -> bool:
+    """Compare every artifact in RUN_DIR with the PyTorch quantized model; exit 1 if any gate fails.
 
-    Tolerances default to the recipe's validate section; flags override them.
+    Gates are per backend (recipe validate.gates.onnxruntime / .tensorrt; defaults calibrated in docs/gates.md);
+    the output-gate flags override them for every backend. The ONNX file's weights are always compared exactly.
     """
     from .qat.checkpoint import checkpoint_recipe
     from .validate.parity import validate_run
@@ -129,10 +137,15 @@ def validate(run_dir: Path, max_abs, max_rel, min_cosine, min_sqnr_db, min_psnr_
     config = checkpoint_recipe(run_dir).validate_
     tolerance_overrides = {k: v for k, v in dict(max_abs=max_abs, max_rel=max_rel, min_cosine=min_cosine,
                                                  min_sqnr_db=min_sqnr_db).items() if v is not None}
+    gates = config.gates.model_copy(update={
+        backend: with_overrides(config.gates.for_backend(backend), tolerance_overrides)
+        for backend in ("onnxruntime", "tensorrt")})
+    if per_layer_min_sqnr_db is not None:
+        gates = gates.model_copy(update={"per_layer_min_sqnr_db": per_layer_min_sqnr_db})
     sampling_overrides = {k: v for k, v in dict(min_psnr_db=min_psnr_db, num_samples=samples,
                                                 num_steps=sampling_steps).items() if v is not None}
-    report = validate_run(run_dir, tolerances=with_overrides(config.tolerances, tolerance_overrides),
-                          sampling=with_overrides(config.sampling, sampling_overrides), skip_sampling=skip_sampling)
+    report = validate_run(run_dir, gates=gates, sampling=with_overrides(config.sampling, sampling_overrides),
+                          skip_sampling=skip_sampling, per_layer=per_layer, per_layer_chunk=per_layer_chunk)
     report_result(report.to_dict())
     _print_validation(report.to_dict())
     return report.passed
@@ -157,6 +170,9 @@ def _print_validation(report: dict) -> None:
         click.echo(f"[{item['artifact']}] {item['status']}{detail}")
         for failure in item["failures"]:
             click.echo(f"    {failure}")
+    per_layer = report.get("per_layer") or {}
+    if "verdict" in per_layer:
+        click.echo(f"[per-layer] {per_layer['status']}: {per_layer['verdict']}")
     sampling = report["sampling"]
     click.echo("[sampling] " + ", ".join(f"{k}={v}" for k, v in sampling.items()))
 

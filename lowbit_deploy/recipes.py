@@ -190,10 +190,32 @@ class BuildSection(_Strict):
 
 
 class Tolerances(_Strict):
-    max_abs: Annotated[float, Field(ge=0)] = 1e-3
+    """Output gates of one backend (worst case over the parity batches)."""
+
+    max_abs: Annotated[float, Field(ge=0)]
     max_rel: Optional[Annotated[float, Field(ge=0)]] = None
-    min_cosine: Annotated[float, Field(ge=-1, le=1)] = 0.99999
-    min_sqnr_db: float = 60.0
+    min_cosine: Annotated[float, Field(ge=-1, le=1)]
+    min_sqnr_db: float
+
+
+# Calibrated in docs/gates.md. ONNX Runtime runs the torch reference's float32 math in another op order: on the
+# default model its noise measured max_abs 1.9e-6..2.9e-6 and SQNR 130.5..131.1 dB (5 seeds x 8 inputs), so the gate
+# sits 10 dB below the floor. TensorRT (fp16/TF32 kernels) is provisional: no engine could run where this was set.
+ONNXRUNTIME_GATES = Tolerances(max_abs=2e-5, min_cosine=1 - 1e-10, min_sqnr_db=120.0)
+TENSORRT_GATES = Tolerances(max_abs=5e-2, min_cosine=0.9999, min_sqnr_db=40.0)
+# Per-layer outputs of a clean export measured >= 124.8 dB on the default model (docs/gates.md).
+PER_LAYER_MIN_SQNR_DB = 110.0
+
+
+class Gates(_Strict):
+    """Parity gates per backend; ``validate --per-layer`` gates every layer output at ``per_layer_min_sqnr_db``."""
+
+    onnxruntime: Tolerances = ONNXRUNTIME_GATES
+    tensorrt: Tolerances = TENSORRT_GATES
+    per_layer_min_sqnr_db: float = PER_LAYER_MIN_SQNR_DB
+
+    def for_backend(self, backend: str) -> Tolerances:
+        return getattr(self, backend)
 
 
 class SamplingSection(_Strict):
@@ -201,15 +223,30 @@ class SamplingSection(_Strict):
     num_steps: Optional[Annotated[int, Field(ge=1)]] = Field(None, description="null = schedule.num_steps")
     guidance_scale: Annotated[float, Field(ge=1)] = 3.0
     seed: int = 1234
-    min_psnr_db: float = 40.0
+    # ORT vs torch samples measured 113.9 dB on the default model (docs/gates.md); the old 40 dB let real bugs pass.
+    min_psnr_db: float = 100.0
 
 
 class ValidateSection(_Strict):
     batches: Annotated[int, Field(ge=1)] = 2
     batch_size: Annotated[int, Field(ge=1)] = 4
     seed: int = 0
-    tolerances: Tolerances = Tolerances()
+    gates: Gates = Gates()
     sampling: SamplingSection = SamplingSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_gate_for_every_backend(cls, data):
+        """``tolerances:`` (recipes and checkpoints written before per-backend gates) is one gate for every
+        backend; gates given under ``gates:`` still win."""
+        if isinstance(data, dict) and "tolerances" in data:
+            data = dict(data)
+            shared = data.pop("tolerances")
+            gates = dict(data.get("gates") or {})
+            for backend in ("onnxruntime", "tensorrt"):
+                gates.setdefault(backend, shared)
+            data["gates"] = gates
+        return data
 
 
 class AnalyzeSection(_Strict):

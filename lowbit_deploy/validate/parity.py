@@ -4,11 +4,15 @@ The reference is the checkpoint rewritten by the export handlers (packed weights
 cached time tables, float parameters in their stored type): exactly what the artifacts compute. Every input comes
 from the deployed signature (a step index for cached time features).
 
-1. Output parity on seeded batches: PyTorch deployed vs ONNX Runtime, and vs the TensorRT engine where a GPU and
-   TensorRT exist (otherwise reported "not run: <reason>", never "passed").
-2. The deployment rounding: trained (fake-quantized, float time layers) vs deployed model on the same inputs --
+1. Output parity on seeded batches, gated per backend (``validate.gates``; calibrated in docs/gates.md): PyTorch
+   deployed vs ONNX Runtime, and vs the TensorRT engine where a GPU and TensorRT exist (otherwise reported
+   "not run: <reason>", never "passed").
+2. Exact weight parity of the ONNX file (validate/weights.py): stored bytes and ONNX Runtime's decode equal the
+   deployed model's. Output gates cannot see a one-ulp scale change under float32 op-ordering noise; this can.
+3. Optionally (``--per-layer``), per-layer bisection (validate/per_layer.py) naming the first layer that disagrees.
+4. The deployment rounding: trained (fake-quantized, float time layers) vs deployed model on the same inputs --
    informative, it is the fp16 storage of tables and float parameters, not an artifact error.
-3. End-to-end sampling with fixed seeds: PSNR of ONNX Runtime samples vs PyTorch samples (gated), and FP vs
+5. End-to-end sampling with fixed seeds: PSNR of ONNX Runtime samples vs PyTorch samples (gated), and FP vs
    quantized (informative), digit-classifier accuracy where the model has classes, and a PNG grid.
 """
 
@@ -24,7 +28,7 @@ import torch
 
 from ..errors import UserError
 from ..io import update_report
-from ..recipes import SamplingSection, Tolerances
+from ..recipes import Gates, SamplingSection, Tolerances
 from ..signature import DeployedSignature, TimeInput, signature_for
 from .sampling import Runner, module_runner, unet_runner
 from .stats import OutputStats, check, compare, merge
@@ -38,10 +42,12 @@ class ArtifactParity:
     status: str  # "passed" | "failed" | "not run: <reason>"
     stats: OutputStats | None = None
     failures: list[str] = field(default_factory=list)
+    details: dict | None = None
 
     def to_dict(self) -> dict:
         return {"artifact": self.artifact, "status": self.status, "failures": self.failures,
-                "stats": self.stats.to_dict() if self.stats else None}
+                "stats": self.stats.to_dict() if self.stats else None,
+                **({"details": self.details} if self.details else {})}
 
 
 @dataclass
@@ -50,10 +56,12 @@ class ValidationReport:
     sampling: dict
     passed: bool
     seconds: float
+    per_layer: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "seconds": round(self.seconds, 2),
-                "parity": [p.to_dict() for p in self.parity], "sampling": self.sampling}
+                "parity": [p.to_dict() for p in self.parity], "sampling": self.sampling,
+                "per_layer": self.per_layer}
 
 
 def parity_feeds(signature: DeployedSignature, condition, batches: int, batch_size: int, seed: int) -> list[Feeds]:
@@ -169,50 +177,117 @@ def _read_report(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def validate_run(run_dir: str | Path, *, tolerances: Tolerances | None = None,
-                 sampling: SamplingSection | None = None, skip_sampling: bool = False) -> ValidationReport:
+@dataclass
+class ValidationInputs:
+    """What every check of one run shares: the checkpoint, its deployed torch model and the seeded inputs."""
+
+    run_dir: Path
+    checkpoint: object
+    bundle: object
+    deployed: object  # export.deployed.DeployedUNet
+    inputs: list[Feeds]
+    _references: list[torch.Tensor] | None = None
+
+    @property
+    def signature(self) -> DeployedSignature:
+        return self.checkpoint.signature
+
+    def reference_outputs(self) -> list[torch.Tensor]:
+        """The deployed model's outputs on ``inputs`` (computed once: every artifact is compared with them)."""
+        if self._references is None:
+            run = module_runner(self.deployed, self.signature)
+            with torch.no_grad():
+                self._references = [run(feeds) for feeds in self.inputs]
+        return self._references
+
+    def reference_runner(self) -> Runner:
+        outputs = {id(feeds): output for feeds, output in zip(self.inputs, self.reference_outputs())}
+        return lambda feeds: outputs[id(feeds)]
+
+
+def prepare_validation(run_dir: str | Path, seed: int | None = None) -> ValidationInputs:
+    """Load ``run_dir``'s checkpoint, deploy it and draw the parity inputs (``seed``: the recipe's by default)."""
     from ..export.deployed import deploy_unet
     from ..export.handlers import ExportOptions
     from ..models import load_model
     from ..qat.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    checkpoint = load_checkpoint(run_dir)
+    recipe, config = checkpoint.recipe, checkpoint.recipe.validate_
+    bundle = load_model(checkpoint.model_source, recipe.model.subfolder)
+    options = ExportOptions(packing=recipe.export.packing, float_storage=recipe.export.float_storage)
+    deployed = deploy_unet(checkpoint.unet, checkpoint.plan, checkpoint.signature, options)
+    inputs = parity_feeds(checkpoint.signature, bundle.condition, config.batches, config.batch_size,
+                          config.seed if seed is None else seed)
+    return ValidationInputs(run_dir, checkpoint, bundle, deployed, inputs)
+
+
+def check_onnx(onnx_path: Path, context: ValidationInputs, gates: Gates) -> tuple[ArtifactParity, ArtifactParity]:
+    """The ONNX file's two checks: outputs against the ONNX Runtime gates, and exact weight parity."""
     from ..runtime.ort import OrtRunner
+    from .weights import weight_parity
+
+    ort = OrtRunner(onnx_path)
+    if ort.signature != context.signature:
+        raise UserError(f"{onnx_path} was exported from another model (its signature differs from the "
+                        f"checkpoint's); run `lowbit-deploy export {context.run_dir}` again")
+    outputs = output_parity("onnxruntime", context.reference_runner(), ort, context.inputs, gates.onnxruntime)
+    weights = weight_parity(onnx_path, context.deployed)
+    return outputs, ArtifactParity("onnxruntime weights (exact)", "passed" if weights.passed else "failed",
+                                   None, weights.failures, weights.to_dict())
+
+
+def validate_run(run_dir: str | Path, *, gates: Gates | None = None, sampling: SamplingSection | None = None,
+                 skip_sampling: bool = False, per_layer: bool = False,
+                 per_layer_chunk: int | None = None) -> ValidationReport:
+    """Every check of ``run_dir``'s artifacts against its deployed torch model (see the module docstring);
+    ``per_layer``: also bisect layer by layer (writes per_layer_sqnr.png)."""
     from .report import write_markdown
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
-    checkpoint = load_checkpoint(run_dir)
-    recipe, signature = checkpoint.recipe, checkpoint.signature
+    context = prepare_validation(run_dir)
+    recipe, signature = context.checkpoint.recipe, context.signature
     config = recipe.validate_
-    tolerances = tolerances or config.tolerances
+    gates = gates or config.gates
     sampling = sampling or config.sampling
     num_steps = recipe.sampling_steps(sampling.num_steps)
     if signature.time_input is TimeInput.STEP_INDEX and num_steps != signature.num_steps:
         raise UserError(f"sampling with {num_steps} steps, but the time features are cached for "
                         f"{signature.schedule}; pass --sampling-steps {signature.num_steps} (or leave it out)")
-    ort = OrtRunner(run_dir / "model.onnx")
-    if ort.signature != signature:
-        raise UserError(f"{run_dir / 'model.onnx'} was exported from another model (its signature differs from the "
-                        f"checkpoint's); run `lowbit-deploy export {run_dir}` again")
-    bundle = load_model(checkpoint.model_source, recipe.model.subfolder)
-    options = ExportOptions(packing=recipe.export.packing, float_storage=recipe.export.float_storage)
-    deployed = module_runner(deploy_unet(checkpoint.unet, checkpoint.plan, signature, options), signature)
-    inputs = parity_feeds(signature, bundle.condition, config.batches, config.batch_size, config.seed)
-    parity = [output_parity("onnxruntime", deployed, ort, inputs, tolerances)]
+    onnx_path = run_dir / "model.onnx"
+    parity = list(check_onnx(onnx_path, context, gates))
     build_entry = _read_report(run_dir).get("build", {})
     engine, reason = engine_runner(run_dir / "model.engine", build_entry.get("compute_capabilities"), signature)
-    parity.append(output_parity("tensorrt", deployed, engine, inputs, tolerances) if engine
-                  else ArtifactParity("tensorrt", reason))
-    rounding = deployment_rounding(trained_runner(checkpoint.unet, signature), deployed, inputs)
+    parity.append(output_parity("tensorrt", context.reference_runner(), engine, context.inputs, gates.tensorrt)
+                  if engine else ArtifactParity("tensorrt", reason))
+    layers = _per_layer(context, onnx_path, gates, per_layer_chunk) if per_layer else {"status": "not run: pass "
+                                                                                                 "--per-layer"}
+    deployed = module_runner(context.deployed, signature)
+    rounding = deployment_rounding(trained_runner(context.checkpoint.unet, signature), deployed, context.inputs)
+    from ..runtime.ort import OrtRunner
+
     sampling_result = ({"status": "not run: --skip-sampling"} if skip_sampling
-                       else sampling_parity(bundle, signature, deployed, ort, sampling, num_steps,
-                                            run_dir / "samples.png"))
+                       else sampling_parity(context.bundle, signature, deployed, OrtRunner(onnx_path), sampling,
+                                            num_steps, run_dir / "samples.png"))
     passed = all(p.status == "passed" or p.status.startswith("not run") for p in parity) and \
-        sampling_result["status"] != "failed"
-    report = ValidationReport(parity, sampling_result, passed, time.perf_counter() - started)
+        sampling_result["status"] != "failed" and layers["status"] != "failed"
+    report = ValidationReport(parity, sampling_result, passed, time.perf_counter() - started, layers)
     full = update_report(run_dir, "validate", {**report.to_dict(), "deployment_rounding": rounding,
-                                               "tolerances": tolerances.model_dump()})
+                                               "gates": gates.model_dump()})
     write_markdown(run_dir / "report.md", full)
     return report
 
 
-__all__ = ["ArtifactParity", "ValidationReport", "validate_run"]
+def _per_layer(context: ValidationInputs, onnx_path: Path, gates: Gates, chunk: int | None) -> dict:
+    from .per_layer import DEFAULT_CHUNK, per_layer_parity, write_sqnr_plot
+
+    result = per_layer_parity(onnx_path, context.deployed, context.inputs[:1], gates.per_layer_min_sqnr_db,
+                              chunk or DEFAULT_CHUNK)
+    write_sqnr_plot(context.run_dir / "per_layer_sqnr.png", result)
+    return result.to_dict()
+
+
+__all__ = ["ArtifactParity", "ValidationInputs", "ValidationReport", "check_onnx", "prepare_validation",
+           "validate_run"]

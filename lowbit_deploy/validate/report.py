@@ -92,6 +92,7 @@ def render_markdown(report: dict) -> str:
                 lines.append(f"| {item['artifact']} | {item['status']} | " + " | ".join(
                     _fmt(stats.get(key, "-")) for key in ("max_abs", "max_rel", "cosine", "sqnr_db")) + " |")
                 lines += [f"  - {failure}" for failure in item["failures"]]
+            lines += _per_layer_lines(entry.get("per_layer"))
             rounding = entry.get("deployment_rounding")
             if rounding:
                 lines += ["", f"Deployment rounding (trained vs deployed torch, informative): max abs "
@@ -105,6 +106,66 @@ def render_markdown(report: dict) -> str:
                       for key, value in entry.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _per_layer_lines(per_layer: dict | None) -> list[str]:
+    if not per_layer:
+        return []
+    if "layers" not in per_layer:
+        return ["", f"Per-layer bisection: {per_layer.get('status')}"]
+    lines = ["", f"Per-layer bisection (PyTorch vs ONNX Runtime, graph order, gate {per_layer['min_sqnr_db']} dB): "
+                 f"**{per_layer['verdict']}**", "", "![per-layer SQNR](per_layer_sqnr.png)", "",
+             "| # | module | kind | SQNR dB | max abs |", "| --- | --- | --- | --- | --- |"]
+    first = per_layer.get("first_failing")
+    for index, layer in enumerate(per_layer["layers"]):
+        mark = " **<- first below the gate**" if layer["module"] == first else ""
+        lines.append(f"| {index} | {layer['module']}{mark} | {layer['kind']} | {_fmt(layer['sqnr_db'])} | "
+                     f"{_fmt(layer['max_abs'])} |")
+    return lines
+
+
+_PLOT_SIZE = (900, 420)
+_PLOT_MARGINS = (60, 20, 36, 40)  # left, right, top, bottom
+_KIND_COLOURS = {"quantized": (31, 119, 180), "block": (214, 39, 40)}
+
+
+def write_series_plot(path: Path, points: list[tuple[str, float, str]], gate: float, marked: str | None,
+                      title: str, y_label: str) -> None:
+    """``points``: (name, value, kind) in order; infinite values (exact equality) are drawn at the top edge."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    width, height = _PLOT_SIZE
+    left, right, top, bottom = _PLOT_MARGINS
+    finite = [value for _, value, _ in points if math.isfinite(value)] + [gate]
+    low, high = math.floor(min(finite) / 10) * 10, math.ceil(max(finite) / 10) * 10 + 10
+    image = Image.new("RGB", _PLOT_SIZE, "white")
+    draw = ImageDraw.Draw(image)
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def to_y(value: float) -> float:
+        value = high if not math.isfinite(value) else value
+        return top + plot_h - (value - low) / (high - low) * plot_h
+
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
+    for tick in range(low, high + 1, 10):
+        draw.line([left - 4, to_y(tick), left, to_y(tick)], fill="black")
+        draw.text((left - 34, to_y(tick) - 6), str(tick), fill="black")
+    draw.line([left, to_y(gate), left + plot_w, to_y(gate)], fill=(255, 127, 14))
+    draw.text((left + 4, to_y(gate) - 14), f"gate {gate:g}", fill=(255, 127, 14))
+    step = plot_w / max(len(points), 1)
+    for index, (name, value, kind) in enumerate(points):
+        x, y = left + (index + 0.5) * step, to_y(value)
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=_KIND_COLOURS.get(kind, (110, 110, 110)))
+        if name == marked:
+            draw.ellipse([x - 6, y - 6, x + 6, y + 6], outline="black")
+            draw.text((min(x + 8, width - 200), y + 4), name, fill="black")
+    draw.text((left, 10), f"{title}; blue: quantized layers, red: blocks", fill="black")
+    draw.text((4, top - 16), y_label, fill="black")
+    draw.text((left + plot_w // 2 - 40, height - 20), "graph order", fill="black")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def write_markdown(path: Path, report: dict) -> None:

@@ -65,7 +65,7 @@ def check(stats: OutputStats, tolerances) -> list[str]:
         failures.append(f"max_rel {stats.max_rel:.3g} > {tolerances.max_rel:.3g} (passes with --max-rel "
                         f"{stats.max_rel!r})")
     if stats.cosine < tolerances.min_cosine:
-        failures.append(f"cosine {stats.cosine:.7f} < {tolerances.min_cosine} (passes with --min-cosine "
+        failures.append(f"cosine {stats.cosine!r} < {tolerances.min_cosine!r} (passes with --min-cosine "
                         f"{stats.cosine!r})")
     if stats.sqnr_db < tolerances.min_sqnr_db:
         failures.append(f"SQNR {stats.sqnr_db:.1f} dB < {tolerances.min_sqnr_db} dB (passes with --min-sqnr-db "

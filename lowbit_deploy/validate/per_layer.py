@@ -1,0 +1,203 @@
+"""Per-layer bisection: where do PyTorch and ONNX Runtime start to disagree?
+
+Final outputs say *that* an artifact is wrong; this says *where*. Every quantized layer's output (the module each
+export handler names as its ``tap``) and every UNet block's output is compared between the deployed torch model and
+ONNX Runtime, in graph order, and the first one whose SQNR falls below the gate is named -- downstream layers inherit
+its error, so the first is the culprit.
+
+Marking every intermediate as an output of a large model holds them all at once (and, in TensorRT, breaks fusions),
+so taps are compared in chunks: each chunk is a fresh session of the model with only that chunk's tensors added as
+outputs, and torch hooks only that chunk's modules.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .stats import OutputStats, compare, merge
+
+DEFAULT_CHUNK = 64
+BLOCK_PATTERN = re.compile(r"down_blocks\.\d+|mid_block|up_blocks\.\d+")
+Feeds = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Tap:
+    module: str      # qualified name under the UNet, e.g. "down_blocks.0.resnets.0.conv1"
+    kind: str        # "quantized" | "block"
+    tensor: str      # the ONNX tensor holding the module's output
+    position: int    # index of the producing node in the ONNX graph (graph order)
+
+
+@dataclass
+class LayerParity:
+    tap: Tap
+    stats: OutputStats
+
+    def to_dict(self) -> dict:
+        return {"module": self.tap.module, "kind": self.tap.kind, "tensor": self.tap.tensor,
+                **self.stats.to_dict()}
+
+
+@dataclass
+class PerLayerReport:
+    layers: list[LayerParity]
+    min_sqnr_db: float
+    chunks: int
+    unmapped: list[str] = field(default_factory=list)
+
+    @property
+    def first_failing(self) -> LayerParity | None:
+        return next((layer for layer in self.layers if layer.stats.sqnr_db < self.min_sqnr_db), None)
+
+    @property
+    def passed(self) -> bool:
+        return self.first_failing is None and not self.unmapped
+
+    def verdict(self) -> str:
+        first = self.first_failing
+        if first is not None:
+            return (f"first layer below {self.min_sqnr_db} dB: {first.tap.module} ({first.tap.kind}, "
+                    f"SQNR {first.stats.sqnr_db:.1f} dB); the layers after it inherit its error")
+        if self.unmapped:
+            return f"{len(self.unmapped)} module(s) have no output tensor in the ONNX graph: {self.unmapped[:3]}"
+        return f"all {len(self.layers)} layer and block outputs at or above {self.min_sqnr_db} dB"
+
+    def to_dict(self) -> dict:
+        first = self.first_failing
+        return {"status": "passed" if self.passed else "failed", "min_sqnr_db": self.min_sqnr_db,
+                "chunks": self.chunks, "first_failing": first.tap.module if first else None,
+                "verdict": self.verdict(), "unmapped": self.unmapped,
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+
+def onnx_scope(root: nn.Module, module_name: str) -> str:
+    """The name scope the TorchScript exporter gives a module's nodes: one ``/`` segment per module, except that a
+    child of a ModuleList/Sequential is joined to its container with ``.`` (``/down_blocks.0/resnets.0/conv1``)."""
+    segments: list[str] = []
+    parent = root
+    for part in module_name.split("."):
+        if isinstance(parent, (nn.ModuleList, nn.Sequential)) and segments:
+            segments[-1] = f"{segments[-1]}.{part}"
+        else:
+            segments.append(part)
+        parent = getattr(parent, part) if not part.isdigit() else parent[int(part)]
+    return "/" + "/".join(segments)
+
+
+def _scope_output(nodes, scope: str, consumers: dict[str, set[int]], graph_outputs: set[str]) -> tuple[str, int] | None:
+    """The module's output: of the tensors its nodes produce and something outside it reads, the last produced."""
+    inside = {index for index, node in enumerate(nodes) if node.name.startswith(scope + "/")}
+    found = None
+    for index in sorted(inside):
+        for tensor in nodes[index].output:
+            readers = consumers.get(tensor, set())
+            if tensor in graph_outputs or readers - inside:
+                found = (tensor, index)
+    return found
+
+
+def find_taps(model, deployed, quantized: Sequence[str]) -> tuple[list[Tap], list[str]]:
+    """Taps for the ``quantized`` modules and the UNet blocks, in graph order, and the modules not found."""
+    nodes = list(model.graph.node)
+    consumers: dict[str, set[int]] = {}
+    for index, node in enumerate(nodes):
+        for tensor in node.input:
+            consumers.setdefault(tensor, set()).add(index)
+    graph_outputs = {output.name for output in model.graph.output}
+    blocks = [name for name, _ in deployed.unet.named_modules() if BLOCK_PATTERN.fullmatch(name)]
+    taps, unmapped = [], []
+    for kind, names in (("quantized", quantized), ("block", blocks)):
+        for module in names:
+            # The wrapper's own scope is "/unet": DeployedUNet holds the UNet as its `unet` child.
+            found = _scope_output(nodes, "/unet" + onnx_scope(deployed.unet, module), consumers, graph_outputs)
+            if found is None:
+                unmapped.append(module)
+            else:
+                taps.append(Tap(module, kind, found[0], found[1]))
+    taps.sort(key=lambda tap: (tap.position, tap.kind != "quantized"))
+    return taps, unmapped
+
+
+def _with_outputs(model, tensors: Sequence[str]) -> bytes:
+    import onnx
+    from onnx import helper
+
+    extended = onnx.ModelProto()
+    extended.CopyFrom(model)
+    extended.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                                 for name in tensors)
+    return extended.SerializeToString()
+
+
+def _torch_outputs(deployed, modules: Sequence[str], feeds: Feeds, signature) -> dict[str, torch.Tensor]:
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def store(_module, _inputs, output):
+            captured[name] = (output[0] if isinstance(output, (tuple, list)) else output).detach().clone()
+        return store
+
+    handles = [deployed.unet.get_submodule(name).register_forward_hook(hook(name)) for name in modules]
+    try:
+        with torch.no_grad():
+            deployed(*(feeds[name] for name in signature.input_names))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def per_layer_parity(onnx_path: str | Path, deployed, inputs: list[Feeds], min_sqnr_db: float,
+                     chunk: int = DEFAULT_CHUNK, threads: int | None = None) -> PerLayerReport:
+    """Compare every quantized layer's and block's output between ``deployed`` (a DeployedUNet) and ONNX Runtime
+    on ``inputs``, ``chunk`` taps per session."""
+    import onnx
+    import onnxruntime as ort
+
+    from ..quant.plan import LayerRole
+
+    model = onnx.load(str(onnx_path))
+    signature = deployed.signature
+    quantized = [decision.name for decision in deployed.plan.by_role(LayerRole.QUANTIZED)]
+    taps, unmapped = find_taps(model, deployed, quantized)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    results: list[LayerParity] = []
+    chunks = 0
+    for start in range(0, len(taps), chunk):
+        group = taps[start:start + chunk]
+        chunks += 1
+        session = ort.InferenceSession(_with_outputs(model, [tap.tensor for tap in group]), options,
+                                       providers=["CPUExecutionProvider"])
+        per_tap: dict[str, list[OutputStats]] = {tap.module: [] for tap in group}
+        for feeds in inputs:
+            arrays = {name: feeds[name].contiguous().numpy() for name in signature.input_names}
+            ort_values = session.run([tap.tensor for tap in group], arrays)
+            reference = _torch_outputs(deployed, [tap.module for tap in group], feeds, signature)
+            for tap, value in zip(group, ort_values):
+                per_tap[tap.module].append(compare(reference[tap.module].numpy(), value))
+        results.extend(LayerParity(tap, merge(per_tap[tap.module])) for tap in group)
+        del session
+    return PerLayerReport(results, min_sqnr_db, chunks, unmapped)
+
+
+def write_sqnr_plot(path: Path, report: PerLayerReport) -> None:
+    """SQNR of every tap in graph order, the gate as a line, the first failing tap marked."""
+    from .report import write_series_plot
+
+    points = [(layer.tap.module, layer.stats.sqnr_db, layer.tap.kind) for layer in report.layers]
+    first = report.first_failing
+    write_series_plot(path, points, gate=report.min_sqnr_db, marked=first.tap.module if first else None,
+                      title="per-layer SQNR, PyTorch vs ONNX Runtime (graph order)", y_label="SQNR dB")
+
+
+__all__ = ["LayerParity", "PerLayerReport", "Tap", "find_taps", "onnx_scope", "per_layer_parity",
+           "write_sqnr_plot"]

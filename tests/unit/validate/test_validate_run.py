@@ -1,0 +1,68 @@
+"""validate end to end on a copy of the tiny run: per-backend gates, exact weights and --per-layer through the CLI."""
+
+import copy
+import json
+import shutil
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from lowbit_deploy.cli import main
+from lowbit_deploy.recipes import ONNXRUNTIME_GATES, TENSORRT_GATES, ValidateSection
+from lowbit_deploy.validate.mutation import MutationKind, mutate, quantized_layer_names
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    target = tmp_path / "run"
+    shutil.copytree(tiny_run, target)
+    return target
+
+
+def test_clean_run_passes_with_per_layer(run_copy):
+    result = CliRunner().invoke(main, ["validate", str(run_copy), "--per-layer", "--skip-sampling"])
+    assert result.exit_code == 0, result.output
+    assert "[per-layer] passed" in result.output
+    assert "[onnxruntime weights (exact)] passed" in result.output
+    report = json.loads((run_copy / "report.json").read_text())["validate"]
+    assert report["gates"]["onnxruntime"] == ONNXRUNTIME_GATES.model_dump()
+    assert report["per_layer"]["first_failing"] is None
+    assert (run_copy / "per_layer_sqnr.png").is_file()
+    assert "Per-layer bisection" in (run_copy / "report.md").read_text()
+
+
+def test_a_broken_layer_fails_validate_and_the_report_names_it(run_copy):
+    model = onnx.load(str(run_copy / "model.onnx"))
+    layer = quantized_layer_names(model)[4]
+    mutate(model, layer, MutationKind.CODE, seed=0)
+    onnx.save(model, str(run_copy / "model.onnx"))
+    result = CliRunner().invoke(main, ["validate", str(run_copy), "--per-layer", "--per-layer-chunk", "5",
+                                       "--skip-sampling"])
+    assert result.exit_code == 1, result.output
+    assert f"first layer below 110.0 dB: {layer}" in result.output
+    assert f"decoded weight of {layer}" in result.output
+    markdown = (run_copy / "report.md").read_text()
+    assert f"| {layer} **<- first below the gate** |" in markdown
+
+
+def test_legacy_tolerances_are_one_gate_for_every_backend():
+    shared = {"max_abs": 1e-3, "min_cosine": 0.99999, "min_sqnr_db": 60.0}
+    section = ValidateSection.model_validate({"tolerances": shared})
+    assert section.gates.onnxruntime.model_dump(exclude={"max_rel"}) == shared
+    assert section.gates.tensorrt.model_dump(exclude={"max_rel"}) == shared
+    explicit = ValidateSection.model_validate({"tolerances": shared, "gates": {"tensorrt": TENSORRT_GATES.model_dump()}})
+    assert explicit.gates.tensorrt == TENSORRT_GATES and explicit.gates.onnxruntime.min_sqnr_db == 60.0
+
+
+def test_defaults_are_per_backend_and_tighter_for_onnxruntime():
+    gates = ValidateSection().gates
+    assert gates.onnxruntime.min_sqnr_db > gates.tensorrt.min_sqnr_db
+    assert gates.onnxruntime.max_abs < gates.tensorrt.max_abs
+
+
+def test_flags_override_the_gates_of_every_backend(run_copy):
+    result = CliRunner().invoke(main, ["validate", str(run_copy), "--min-sqnr-db", "1000", "--skip-sampling"])
+    assert result.exit_code == 1
+    report = json.loads((run_copy / "report.json").read_text())["validate"]
+    assert report["gates"]["onnxruntime"]["min_sqnr_db"] == report["gates"]["tensorrt"]["min_sqnr_db"] == 1000
