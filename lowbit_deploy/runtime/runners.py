@@ -129,6 +129,8 @@ class TorchRunner:
 
         checkpoint = load_checkpoint(checkpoint_path)
         self.signature = checkpoint.signature
+        self.recipe = checkpoint.recipe                # what the run was made with (sampling defaults, model)
+        self.model_source = checkpoint.model_source    # the float model folder (None: the embedded default)
         export = checkpoint.recipe.export
         options = ExportOptions(packing=export.packing, float_storage=export.float_storage)
         self.module = deploy_unet(checkpoint.unet, checkpoint.plan, self.signature, options, inplace=True)
