@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..progress import show_progress
-from .checkpoint import commit_train_state, save_checkpoint, save_stage_seconds, save_train_state
+from .checkpoint import (
+    CHECKPOINT_DIRNAME,
+    WEIGHTS_FILE,
+    commit_train_state,
+    save_checkpoint,
+    save_stage_seconds,
+    save_train_state,
+)
 from .objectives import StepLosses
 
 if TYPE_CHECKING:
@@ -87,10 +94,11 @@ class CheckpointCallback(TrainCallback):
     """Writes the checkpoint and the train state every ``every`` global steps and at the end (atomically)."""
 
     def __init__(self, run_dir: Path, recipe, model_source: str | None, plan, signature, every: int,
-                 history: LossHistory) -> None:
+                 history: LossHistory, saved_step: int | None = None) -> None:
         self.run_dir, self.recipe, self.model_source = Path(run_dir), recipe, model_source
         self.quant_plan, self.signature, self.every, self.history = plan, signature, every, history
         self.checkpoint: Path | None = None
+        self.saved_step = saved_step  # the step of the checkpoint on disk (a resumed run's)
 
     def on_step_end(self, run: "TrainingRun", losses: StepLosses) -> None:
         if run.step % self.every == 0 and run.step < run.plan.end_step:
@@ -98,6 +106,11 @@ class CheckpointCallback(TrainCallback):
 
     def on_train_end(self, run: "TrainingRun") -> None:
         run.student.eval()
+        if run.step == self.saved_step:
+            # Resumed at its end (a run stopped after its last save): the files are complete; rewriting them
+            # without the optimizer state that no step rebuilt would lose it.
+            self.checkpoint = self.run_dir / CHECKPOINT_DIRNAME / WEIGHTS_FILE
+            return
         self.checkpoint = self.save(run)
 
     def save(self, run: "TrainingRun") -> Path:
@@ -110,6 +123,7 @@ class CheckpointCallback(TrainCallback):
                                self.signature)
         commit_train_state(self.run_dir)
         save_stage_seconds(self.run_dir, history)
+        self.saved_step = run.step
         return path
 
 

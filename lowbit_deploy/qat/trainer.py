@@ -171,7 +171,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
             _resume_into(run, state, run_dir)
         history = LossHistory(stage_plan, state.history if state else None)
         checkpoints = CheckpointCallback(run_dir, recipe, model_path, plan, signature, config.checkpoint_every,
-                                         history)
+                                         history, checkpoint_step if resume else None)
         started = time.perf_counter()
         run_stages(run, [history, checkpoints, ProgressBar(progress), *callbacks])
         losses = [step.total for step in history.losses]
