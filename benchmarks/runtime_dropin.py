@@ -87,7 +87,7 @@ def main() -> None:
                 f"{torch.get_num_threads()} torch threads",
                 ["images", "PSNR vs PyTorch deployed (dB)", "sampling wall (s)", f"per step, batch {2 * count} (ms)",
                  "load + first call (s)"],
-                [["PyTorch deployed (project sampler, step feeds)", "-", reference_s, 1000 * reference_s / calls,
+                [["PyTorch deployed (project sampler, signature feeds)", "-", reference_s, 1000 * reference_s / calls,
                   load_reference_s],
                  ["DeployedUNet2D (diffusers DDIMScheduler loop)", psnr(images, reference_images), drop_in_s,
                   1000 * drop_in_s / calls, load_drop_in_s]])
