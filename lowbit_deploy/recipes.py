@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import UserError
 from .quant.grids import MAX_BITS, MIN_BITS, GridKind, IntegerGrid, ScaleInit
+from .quant.plan import WeightExport, export_problem
 
 RECIPE_VERSION = 1
 
@@ -35,6 +36,8 @@ class LayerRule(_Strict):
     grid: GridKind = GridKind.BALANCED
     keep_float: bool = False
     cache: bool = False
+    export: WeightExport = Field(WeightExport.PACKED, description="how quantized weights are stored: `packed` "
+                                 "(lowbit plugin) or `native_int4` (INT4 DequantizeLinear; bits 4, grid signed)")
 
     @model_validator(mode="after")
     def _bits_or_float(self) -> "LayerRule":
@@ -43,6 +46,9 @@ class LayerRule(_Strict):
         if self.bits == 1 and self.grid is GridKind.SIGNED:
             raise ValueError(f"rule {self.pattern!r}: a signed 1-bit grid is {{-1, 0}} and zeroes every positive "
                              f"weight; use `grid: balanced` ({{-1, 0, 1}}) for 1 bit")
+        problem = export_problem(self.export, self.integer_grid() if self.bits is not None else None)
+        if problem:
+            raise ValueError(f"rule {self.pattern!r}: {problem}")
         return self
 
     def integer_grid(self) -> IntegerGrid:

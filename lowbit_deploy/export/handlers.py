@@ -4,7 +4,9 @@ Each handler turns the layers of its role in the trained (fake-quantized) UNet i
 is traced from; the tracer itself never looks at layers. A quantized layer becomes a :class:`PackedLayer` whose
 weight is produced by ``lowbit::UnpackDequantize`` from packed words + fp16 scales (one autograd Function carries both
 the torch value and the ONNX emission, so they cannot drift); cached time layers become step-index table lookups;
-float layers stay. New kinds of layers (native INT4, activation quantize-dequantize, LoRA merge) register here.
+float layers stay. Quantized layers are rewritten by their plan's weight export (:data:`QUANTIZED_EXPORTS`): packed
+(the plugin) or native INT4 (:mod:`.native_int4`: a standard INT4 ``DequantizeLinear``). New kinds of layers
+(activation quantize-dequantize, LoRA merge) register here.
 
 Every handler also names its *tap*: the module whose output per-layer bisection compares across backends.
 """
@@ -23,9 +25,10 @@ from ..errors import UserError
 from ..quant.apply import quantized_layers
 from ..quant.fake_quant import QUANTIZABLE_LAYERS, QuantizedLayer, reclassed
 from ..quant.packing import PackingFormat, best_format
-from ..quant.plan import LayerDecision, LayerRole, QuantPlan
+from ..quant.plan import LayerDecision, LayerRole, QuantPlan, WeightExport
 from ..signature import DeployedSignature
 from .lowbit_ops import PackedWeight, node_spec
+from .native_int4 import native_int4_layer
 from .time_cache import compute_time_tables, install_time_cache
 
 
@@ -124,7 +127,14 @@ class ExportHandler:
     tap: Callable[[LayerDecision], str]
 
 
-def _pack_quantized(unet, decisions, plan, signature, options) -> None:
+# What a quantized layer's deployed twin is, by the weight export its plan decision names.
+QUANTIZED_EXPORTS: dict[WeightExport, Callable[[str, QuantizedLayer, ExportOptions], nn.Module]] = {
+    WeightExport.PACKED: lambda name, layer, options: packed_layer(name, layer, options.packing),
+    WeightExport.NATIVE_INT4: lambda name, layer, options: native_int4_layer(name, layer),
+}
+
+
+def _export_quantized(unet, decisions, plan, signature, options) -> None:
     layers = quantized_layers(unet)
     for decision in decisions:
         if decision.name not in layers:
@@ -132,8 +142,9 @@ def _pack_quantized(unet, decisions, plan, signature, options) -> None:
                             f"and its plan disagree - re-run training")
         parent_name, _, child = decision.name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
-        # pop: the trained fp32 weight is freed as soon as its packed twin replaces it (peak memory at SD scale).
-        setattr(parent, child, packed_layer(decision.name, layers.pop(decision.name), options.packing))
+        # pop: the trained fp32 weight is freed as soon as its deployed twin replaces it (peak memory at SD scale).
+        twin = QUANTIZED_EXPORTS[decision.export](decision.name, layers.pop(decision.name), options)
+        setattr(parent, child, twin)
 
 
 def _cache_time(unet, decisions, plan, signature, options) -> None:
@@ -148,6 +159,6 @@ def _keep_float(unet, decisions, plan, signature, options) -> None:
 # Order matters: caching runs first, on the student's own float time layers.
 EXPORT_HANDLERS: dict[LayerRole, ExportHandler] = {
     LayerRole.CACHED: ExportHandler(LayerRole.CACHED, _cache_time, lambda d: "time_embedding"),
-    LayerRole.QUANTIZED: ExportHandler(LayerRole.QUANTIZED, _pack_quantized, lambda d: d.name),
+    LayerRole.QUANTIZED: ExportHandler(LayerRole.QUANTIZED, _export_quantized, lambda d: d.name),
     LayerRole.FLOAT: ExportHandler(LayerRole.FLOAT, _keep_float, lambda d: d.name),
 }

@@ -30,6 +30,7 @@ from ..signature import DeployedSignature, signature_for
 from .deployed import DeployedUNet, deploy_unet
 from .handlers import ExportOptions
 from .lowbit_ops import OP_DOMAIN, attach_function
+from .native_int4 import NATIVE_INT4_OPSET, TRACE_OPSET, finalize_native_int4, int4_storage, native_int4_layers
 
 # ONNX Runtime 1.31 rejects IR versions above 13 and TensorRT's parser lags further; 10 is read by all of them.
 IR_VERSION = 10
@@ -41,16 +42,21 @@ class ExportReport:
     onnx_path: str
     onnx_bytes: int
     lowbit_nodes: int
-    op_version: int
-    packed_weight_bytes: int          # packed words + fp16 scales of every quantized layer
-    quantized_weights: int
-    stored_bits_per_weight: float     # packed words only, per quantized weight
+    op_version: int                   # of the lowbit nodes; 0 when every quantized layer is native INT4
+    packed_weight_bytes: int          # packed words + fp16 scales of every packed (lowbit) layer
+    quantized_weights: int            # weights of the packed layers (native INT4 ones are counted below)
+    stored_bits_per_weight: float     # packed words only, per packed weight
     counted_average_bits: float       # BitsFusion's formula (plan + cached values)
     float_storage: str
     time_input: str
     cached_values: int
     fp16_onnx_path: str | None = None
     fp16_onnx_bytes: int | None = None
+    onnx_opset: int | None = None     # the default domain's: export.opset, or 21 when layers are native INT4
+    native_int4_layers: int = 0
+    native_int4_weights: int = 0
+    native_int4_bytes: int = 0        # INT4 codes + float32 scales as stored
+    native_int4_bytes_per_weight: float | None = None
 
     @property
     def size_ratio_vs_fp16(self) -> float | None:
@@ -107,8 +113,15 @@ def _save(model: onnx.ModelProto, target: Path) -> int:
 def export_deployed(deployed: DeployedUNet, out_path: str | Path, *, opset: int = 17) -> onnx.ModelProto:
     """Trace the deployed UNet, attach the op's local function and the metadata, check and write the file."""
     out_path = Path(out_path)
+    native = native_int4_layers(deployed)
     with tempfile.TemporaryDirectory(prefix="lowbit-export-") as scratch:
-        model = trace_to_onnx(deployed, deployed.signature, Path(scratch) / "trace.onnx", opset)
+        # INT4 DequantizeLinear exists from opset 21 on, past the TorchScript exporter's last opset: trace at that
+        # and let finalize_native_int4 declare 21 (whatever export.opset asks for, which cannot hold INT4).
+        model = trace_to_onnx(deployed, deployed.signature, Path(scratch) / "trace.onnx",
+                              TRACE_OPSET if native else opset)
+    if native:
+        finalize_native_int4(model, native)
+        opset = NATIVE_INT4_OPSET
     # The exporter declares every custom domain at version 1; the op version is the nodes' (attach_function's) call.
     kept = [entry for entry in model.opset_import if entry.domain != OP_DOMAIN]
     del model.opset_import[:]
@@ -137,10 +150,12 @@ def export_onnx(unet: nn.Module, out_path: str | Path, *, plan, signature: Deplo
     words_bytes = sum(weight.packed_words.nbytes for weight in packed)
     report = ExportReport(
         str(out_path), out_path.stat().st_size, _count_lowbit_nodes(model),
-        max(imp.version for imp in model.opset_import if imp.domain == "lowbit"),
+        max((imp.version for imp in model.opset_import if imp.domain == "lowbit"), default=0),  # 0: all native
         sum(weight.nbytes for weight in packed), quantized_weights, 8 * words_bytes / max(quantized_weights, 1),
         plan.average_bits(signature.num_steps), options.float_storage, signature.time_input.value,
-        signature.num_steps * plan.cached_table_rows() if plan.caches_time else 0)
+        signature.num_steps * plan.cached_table_rows() if plan.caches_time else 0,
+        onnx_opset=next(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")),
+        **int4_storage(model, native_int4_layers(deployed)))
     if fp16_source is not None:
         fp16_path = Path(fp16_reference_path)
         float_signature = signature_for(fp16_source, signature.seq_len)

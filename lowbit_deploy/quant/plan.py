@@ -5,7 +5,9 @@ the checkpoint, export, build and validate consume it. A plan is saved with ever
 the recipe, so a checkpoint always rebuilds exactly the model it was trained as.
 
 Roles:
-  ``quantized`` -- weights on an integer grid (bits, signed/balanced), stored packed.
+  ``quantized`` -- weights on an integer grid (bits, signed/balanced), stored as the layer's :class:`WeightExport`
+                   says: packed words decoded by ``lowbit::UnpackDequantize`` (default) or a native INT4 initializer
+                   decoded by a standard ``DequantizeLinear``.
   ``float``     -- kept as it is (stored in fp16 where the graph allows it).
   ``cached``    -- a time-embedding layer whose outputs are precomputed for every step of the inference schedule
                    (BitsFusion): the deployed graph gathers them by step index instead of computing them.
@@ -26,6 +28,10 @@ from ..errors import UserError
 from .grids import GridKind, IntegerGrid
 
 PLAN_FORMAT = "lowbit-deploy/quant-plan/1"
+# Written only when some layer is exported natively: a reader of format 1 would ignore the per-layer `export` key and
+# pack those layers silently, so it must refuse the file instead. Plans without native layers stay format 1.
+PLAN_FORMAT_EXPORTS = "lowbit-deploy/quant-plan/2"
+PLAN_FORMATS = (PLAN_FORMAT, PLAN_FORMAT_EXPORTS)
 # Bits BitsFusion counts for each cached time-feature value (the tables are stored in fp16).
 CACHED_VALUE_BITS = 16
 TIME_EMBEDDING_PREFIX = "time_embedding."
@@ -36,6 +42,40 @@ class LayerRole(str, Enum):
     QUANTIZED = "quantized"
     FLOAT = "float"
     CACHED = "cached"
+
+
+class WeightExport(str, Enum):
+    """How a quantized layer's weight is stored in the ONNX file (and so which TensorRT path runs it)."""
+
+    PACKED = "packed"            # lowbit::UnpackDequantize over packed words: any grid, 1..8 bits; a TensorRT plugin
+    NATIVE_INT4 = "native_int4"  # INT4 initializer + standard DequantizeLinear (zero point 0): TensorRT's own INT4
+
+
+# The one grid each export stores exactly: ONNX INT4 holds [-8, 7], which is the signed 4-bit grid and nothing wider
+# (the balanced 4-bit grid has 17 levels). None: every grid.
+EXPORT_GRID: dict[WeightExport, IntegerGrid | None] = {
+    WeightExport.PACKED: None,
+    WeightExport.NATIVE_INT4: IntegerGrid(GridKind.SIGNED, 4),
+}
+# A native INT4 Linear is blocked along its inputs (export/native_int4.py says why); TensorRT's INT4 blocks are 16..256
+# wide (docs TENSORRT.md), so in_features must split into blocks of at least this size.
+NATIVE_INT4_MIN_BLOCK = 16
+
+
+def export_problem(export: WeightExport, grid: IntegerGrid | None, layer_type: str | None = None,
+                   in_features: int | None = None) -> str | None:
+    """Why ``export`` cannot store a layer on ``grid`` (None: it can). The fix is part of the message."""
+    required = EXPORT_GRID[export]
+    if grid is None and export is not WeightExport.PACKED:
+        return f"export: {export.value} applies to quantized layers only (a rule with `bits`), not float or cached ones"
+    if required is not None and grid != required:
+        return (f"export: {export.value} stores exactly the {required.describe()}, not the {grid.describe()}; set "
+                f"`bits: {required.bits}, grid: {required.kind.value}` or drop `export`")
+    if (export is WeightExport.NATIVE_INT4 and layer_type == "Linear" and in_features is not None
+            and in_features % NATIVE_INT4_MIN_BLOCK):
+        return (f"export: native_int4 blocks a Linear's weight along its {in_features} inputs, which must be a "
+                f"multiple of {NATIVE_INT4_MIN_BLOCK} (TensorRT's INT4 block sizes); export this layer packed")
+    return None
 
 
 def is_time_layer(name: str) -> bool:
@@ -62,11 +102,17 @@ class LayerDecision:
     role: LayerRole
     grid: GridKind | None = None
     bits: int | None = None
+    export: WeightExport = WeightExport.PACKED
 
     def __post_init__(self) -> None:
         quantized = self.role is LayerRole.QUANTIZED
         if quantized != (self.bits is not None and self.grid is not None):
             raise ValueError(f"layer {self.name}: bits and grid are given exactly for quantized layers")
+        if self.export is not WeightExport.PACKED:
+            problem = export_problem(self.export, self.integer_grid() if quantized else None, self.layer_type,
+                                     self.weight_numel // max(self.out_features, 1))
+            if problem:
+                raise ValueError(f"layer {self.name}: {problem}")
         if self.role is LayerRole.CACHED and not is_time_layer(self.name):
             raise ValueError(f"layer {self.name} cannot be cached: only time-embedding layers "
                              f"({TIME_EMBEDDING_PREFIX}* and *.{TIME_PROJECTION_SUFFIX}) see nothing but the timestep")
@@ -89,12 +135,18 @@ class LayerDecision:
         data = asdict(self)
         data["role"] = self.role.value
         data["grid"] = self.grid.value if self.grid else None
+        # Packed is the default: omitting it keeps plans without native layers byte-identical to format 1.
+        if self.export is WeightExport.PACKED:
+            del data["export"]
+        else:
+            data["export"] = self.export.value
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "LayerDecision":
         return cls(data["name"], data["layer_type"], int(data["weight_numel"]), int(data["out_features"]),
-                   LayerRole(data["role"]), GridKind(data["grid"]) if data.get("grid") else None, data.get("bits"))
+                   LayerRole(data["role"]), GridKind(data["grid"]) if data.get("grid") else None, data.get("bits"),
+                   WeightExport(data.get("export", WeightExport.PACKED.value)))
 
 
 @dataclass(frozen=True)
@@ -120,6 +172,9 @@ class QuantPlan:
     @property
     def quantized(self) -> tuple[LayerDecision, ...]:
         return self.by_role(LayerRole.QUANTIZED)
+
+    def exported_as(self, export: WeightExport) -> tuple[LayerDecision, ...]:
+        return tuple(layer for layer in self.quantized if layer.export is export)
 
     @property
     def caches_time(self) -> bool:
@@ -190,7 +245,8 @@ class QuantPlan:
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, "source": self.source, "total_params": self.total_params,
+        native = any(layer.export is not WeightExport.PACKED for layer in self.layers)
+        return {"format": PLAN_FORMAT_EXPORTS if native else PLAN_FORMAT, "source": self.source, "total_params": self.total_params,
                 "layers": [layer.to_dict() for layer in self.layers]}
 
     def to_json(self) -> str:
@@ -198,10 +254,10 @@ class QuantPlan:
 
     @classmethod
     def from_dict(cls, data: dict, origin: str = "plan") -> "QuantPlan":
-        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+        if not isinstance(data, dict) or data.get("format") not in PLAN_FORMATS:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise UserError(f"{origin} is not a lowbit-deploy quantization plan (format {found!r}, expected "
-                            f"{PLAN_FORMAT!r}); write one with `lowbit-deploy analyze`")
+            raise UserError(f"{origin} is not a lowbit-deploy quantization plan (format {found!r}, expected one of "
+                            f"{', '.join(map(repr, PLAN_FORMATS))}); write one with `lowbit-deploy analyze`")
         try:
             layers = tuple(LayerDecision.from_dict(item) for item in data["layers"])
             return cls(layers, int(data["total_params"]), data.get("source", ""))
@@ -241,9 +297,10 @@ def plan_from_rules(inventory: Iterable[LayerInfo], section, total_params: int, 
             elif rule.cache:
                 decisions.append(LayerDecision(*base, LayerRole.CACHED))
             else:
-                decisions.append(LayerDecision(*base, LayerRole.QUANTIZED, rule.grid, rule.bits))
+                decisions.append(LayerDecision(*base, LayerRole.QUANTIZED, rule.grid, rule.bits, rule.export))
         except ValueError as error:
-            raise UserError(f"recipe rule {rule.pattern!r}: {error}") from None
+            number = section.layers.index(rule) + 1
+            raise UserError(f"recipe rule {number} ({rule.pattern!r}): {error}") from None
     try:
         plan = QuantPlan(tuple(decisions), total_params, source)
     except ValueError as error:
