@@ -17,12 +17,13 @@ PYTEST_ARGS ?=
 # Extra CMake arguments of the C++ plugin build, e.g. CMAKE_ARGS=-DTensorRT_INCLUDE_DIR=/usr/include/x86_64-linux-gnu
 CMAKE_ARGS ?=
 
-.PHONY: setup kernels plugins demo test bench clean help
+.PHONY: setup kernels plugins cpp-app demo test bench clean help
 
 help:
 	@echo "make demo   - set up, then run train -> export -> build -> validate on the embedded default ($(DEMO_DIR))"
 	@echo "make test   - set up, build the CUDA kernels and C++ plugin libraries (if nvcc exists), run the tests"
 	@echo "make bench  - size, QAT-cost and quality benchmarks (prints ratios)"
+	@echo "make cpp-app - the C++ example that runs an engine (examples/cpp_app/build/lowbit_cpp_app)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,23 @@ plugins:
 	elif [ -z "$(CMAKE_ARGS)" ] && [ ! -d ../shared/third_party/tensorrt-oss ]; then \
 		echo "note: no TensorRT headers (../shared/third_party/tensorrt-oss); pass CMAKE_ARGS=-DTensorRT_INCLUDE_DIR=..."; \
 	else $(MAKE) --no-print-directory -C plugins tensorrt NVCC=$${NVCC:-nvcc} CMAKE_ARGS="$(CMAKE_ARGS)"; fi
+
+# The C++ example app (examples/cpp_app): links the TensorRT-RTX library of the .venv's tensorrt-rtx wheel and the
+# CUDA toolkit's static cudart. Skipped, with a note, without a C++ compiler, cmake, the CUDA toolkit or TensorRT
+# headers. Not a dependency of `test`: tests/trt/test_cpp_app.py compiles its own copy (and skips where it cannot).
+CPP_APP_CMAKE_ARGS ?=
+cpp-app: setup
+	@if ! command -v $${CXX:-c++} >/dev/null 2>&1; then \
+		echo "note: no C++ compiler ($${CXX:-c++}); examples/cpp_app not built"; \
+	elif ! command -v cmake >/dev/null 2>&1; then \
+		echo "note: cmake not found; examples/cpp_app not built"; \
+	elif ! command -v $${NVCC:-nvcc} >/dev/null 2>&1 && [ ! -d /usr/local/cuda/include ]; then \
+		echo "note: no CUDA toolkit (nvcc or /usr/local/cuda); examples/cpp_app not built"; \
+	elif [ -z "$(CPP_APP_CMAKE_ARGS)" ] && [ ! -d ../shared/third_party/tensorrt-oss/11.1/include ]; then \
+		echo "note: no TensorRT headers (../shared/third_party/tensorrt-oss/11.1); pass CPP_APP_CMAKE_ARGS=\"-DTensorRT_INCLUDE_DIR=... -DTensorRT_LIBRARY=...\""; \
+	else cmake -S examples/cpp_app -B examples/cpp_app/build -DLOWBIT_VENV=$(abspath $(VENV)) $(CPP_APP_CMAKE_ARGS) >/dev/null \
+		&& cmake --build examples/cpp_app/build -j 2 \
+		&& echo "built examples/cpp_app/build/lowbit_cpp_app (run: see README, 'Embedding an engine in your app')"; fi
 
 # Without the C++ plugin library the demo builds its engine with the Python plugin (same engine bytes).
 demo: setup kernels plugins
