@@ -108,22 +108,16 @@ def deployment_rounding(trained: Runner, deployed: Runner, inputs: list[Feeds]) 
 
 def engine_runner(engine_path: Path, built_for: list[str] | None,
                   signature: DeployedSignature) -> tuple[Runner | None, str]:
-    """A TensorRT runner for the engine (feeds checked against the signature: TensorRT's Gather would read out of
-    bounds on a step index outside the schedule), or None and the reason it cannot run here."""
+    """The engine as a runtime Runner (feeds checked against the signature before TensorRT sees them), or None and
+    the reason it cannot run here."""
     if not engine_path.is_file():
         return None, "not run: no engine (run `lowbit-deploy build`)"
-    from ..runtime import trt as trt_runtime
+    from ..runtime.runners import BackendUnavailableError, open_runner
 
-    reason = trt_runtime.unavailable_reason(built_for)
-    if reason:
-        return None, f"not run: {reason}"
-    runner = trt_runtime.TrtRunner(engine_path)
-
-    def run(feeds: Feeds) -> torch.Tensor:
-        signature.check_feeds(feeds)
-        return runner.infer(feeds)["noise_pred"].float().cpu()
-
-    return run, ""
+    try:
+        return open_runner(engine_path, "tensorrt", signature=signature, built_for=built_for), ""
+    except BackendUnavailableError as error:
+        return None, f"not run: {error.reason}"
 
 
 def sampling_parity(bundle, signature: DeployedSignature, quantized: Runner, ort: Runner, config: SamplingSection,
