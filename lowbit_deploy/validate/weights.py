@@ -52,7 +52,7 @@ def _differs(stored: np.ndarray, reference: np.ndarray) -> str | None:
                                                          else f"u{reference.itemsize}"))
     first = int(wrong[0])
     return (f"{wrong.size} of {stored.size} values differ (first at flat index {first}: "
-            f"{stored.reshape(-1)[first]!r} instead of {reference.reshape(-1)[first]!r})")
+            f"{stored.reshape(-1)[first].item()!r} instead of {reference.reshape(-1)[first].item()!r})")
 
 
 def _listed(failures: list[str]) -> list[str]:
