@@ -10,6 +10,10 @@ they are compared for equality:
    ``.packed`` / ``.scale`` initializers exist;
 2. every ``lowbit::UnpackDequantize`` node, executed by ONNX Runtime through its local function (in chunks, so a
    large model never holds all decoded weights at once), gives exactly the torch reference's decoded weight.
+
+Native INT4 layers (export/native_int4.py) are held to the same contract: their codes must be stored as INT4 (and
+compare, widened, with the int8 codes the torch model holds), and their ``DequantizeLinear`` is decoded like a
+lowbit node.
 """
 
 from __future__ import annotations
@@ -61,8 +65,28 @@ def _listed(failures: list[str]) -> list[str]:
     return failures[:_MAX_LISTED] + [f"... and {len(failures) - _MAX_LISTED} more"]
 
 
+def _stored(tensor) -> np.ndarray:
+    """The initializer's values; INT4 (two codes per byte) as the int8 codes the deployed model holds."""
+    from onnx import TensorProto, numpy_helper
+
+    array = numpy_helper.to_array(tensor)
+    return array.astype(np.int8) if tensor.data_type == TensorProto.INT4 else array
+
+
+def _check_native_initializers(model, native_layers) -> list[str]:
+    from onnx import TensorProto
+
+    from ..export.native_int4 import CODES, SCALE
+
+    types = {tensor.name: tensor.data_type for tensor in model.graph.initializer}
+    failures = [f"initializer {layer}.{suffix} is missing" for layer in native_layers for suffix in (CODES, SCALE)
+                if f"{layer}.{suffix}" not in types]
+    return failures + [f"initializer {layer}.{CODES} is {TensorProto.DataType.Name(types[f'{layer}.{CODES}'])}, "
+                       f"not INT4" for layer in native_layers
+                       if types.get(f"{layer}.{CODES}", TensorProto.INT4) != TensorProto.INT4]
+
+
 def _check_initializers(model, state: dict[str, np.ndarray], packed_layers) -> tuple[int, int, list[str]]:
-    from onnx import numpy_helper
 
     checked = unmatched = 0
     failures = []
@@ -73,7 +97,7 @@ def _check_initializers(model, state: dict[str, np.ndarray], packed_layers) -> t
             unmatched += 1
             continue
         checked += 1
-        problem = _differs(numpy_helper.to_array(tensor), state[tensor.name])
+        problem = _differs(_stored(tensor), state[tensor.name])
         if problem:
             failures.append(f"initializer {tensor.name}: {problem}")
     for layer in packed_layers:
@@ -97,10 +121,15 @@ def _decode_model(model, nodes):
     return sub
 
 
-def _check_decoding(model, packed_layers: dict, chunk_layers: int) -> tuple[int, list[str]]:
+def _check_decoding(model, packed_layers: dict, chunk_layers: int,
+                    native_layers: dict | None = None) -> tuple[int, list[str]]:
     import onnxruntime as ort
 
-    nodes = [n for n in model.graph.node if n.domain == OP_DOMAIN and n.op_type == OP_TYPE]
+    from ..export.native_int4 import CODES
+
+    native_codes = {f"{name}.{CODES}": layer for name, layer in (native_layers or {}).items()}
+    nodes = [n for n in model.graph.node if (n.domain == OP_DOMAIN and n.op_type == OP_TYPE)
+             or (n.op_type == "DequantizeLinear" and n.input[0] in native_codes)]
     failures = []
     for start in range(0, len(nodes), chunk_layers):
         chunk = nodes[start:start + chunk_layers]
@@ -113,6 +142,11 @@ def _check_decoding(model, packed_layers: dict, chunk_layers: int) -> tuple[int,
                             f"{str(error).splitlines()[0][:300]}")
             continue
         for node, weight in zip(chunk, decoded):
+            if node.input[0] in native_codes:
+                problem = _differs(weight, native_codes[node.input[0]].weight_value.numpy())
+                if problem:
+                    failures.append(f"decoded weight of {node.input[0]} (ONNX Runtime vs torch reference): {problem}")
+                continue
             layer = node.input[0][len("unet."):-len(".packed")]
             if layer not in packed_layers:
                 failures.append(f"{node.name} decodes {node.input[0]}, which the checkpoint does not pack")
@@ -129,9 +163,13 @@ def weight_parity(onnx_path: str | Path, deployed, chunk_layers: int = DEFAULT_C
 
     model = onnx.load(str(onnx_path))
     state = {name: tensor.detach().cpu().numpy() for name, tensor in deployed.state_dict().items()}
+    from ..export.native_int4 import native_int4_layers
+
     packed_layers = deployed.packed_layers()
+    native_layers = native_int4_layers(deployed)
     checked, unmatched, failures = _check_initializers(model, state, packed_layers)
-    decoded, decode_failures = _check_decoding(model, packed_layers, chunk_layers)
+    failures += _check_native_initializers(model, native_layers)
+    decoded, decode_failures = _check_decoding(model, packed_layers, chunk_layers, native_layers)
     return WeightParity(checked, unmatched, decoded, _listed(failures + decode_failures))
 
 
