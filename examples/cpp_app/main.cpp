@@ -252,6 +252,11 @@ std::vector<Binding> bindInputs(nvinfer1::ICudaEngine const& engine, nvinfer1::I
             throw AppError(kEXIT_BAD_INPUT, "input '" + tensor.name + "' is " + tensor.dtype + " in the file, but the "
                     "engine takes " + expected + ": write it as " + expected);
         }
+        if (engine.getTensorLocation(name) != nvinfer1::TensorLocation::kDEVICE)
+        {
+            throw AppError(kEXIT_RUN_FAILED, "input '" + tensor.name + "' is a host (shape) tensor; this app feeds "
+                    "device tensors only");
+        }
         if (engine.getTensorVectorizedDim(name) != -1)
         {
             throw AppError(kEXIT_RUN_FAILED, "input '" + tensor.name + "' has a vectorized format ("
