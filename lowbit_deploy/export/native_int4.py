@@ -1,7 +1,8 @@
 """Native INT4 export: a signed 4-bit layer as an INT4 initializer + standard ``DequantizeLinear`` (zero point 0).
 
-TensorRT runs such layers with its own INT4 weight path instead of the ``lowbit::UnpackDequantize`` plugin
-(docs TENSORRT.md: ~0.51-0.58 engine bytes per weight, vs 2 for fp16). The layout, as ONNX defines it:
+TensorRT runs such layers with its own INT4 weight path instead of the ``lowbit::UnpackDequantize`` plugin. Engine
+bytes per extra weight, TensorRT-RTX 1.7, 512-wide layers (tests/trt/test_native_int4_engine.py): Conv 3x3 0.50,
+Linear 0.56, float32 4.0. The layout, as ONNX defines it:
 
 * codes: ``TensorProto.INT4``, two's complement in ``[-8, 7]``, two codes per byte, the first in the low nibble
   (``raw_data``: TensorRT's parser wants raw bytes, not a value list). Zero point: none, i.e. 0 (TensorRT rejects
@@ -9,13 +10,13 @@ TensorRT runs such layers with its own INT4 weight path instead of the ``lowbit:
 * Conv2d: codes ``[Cout, Cin, kh, kw]``, scale ``[Cout]``, ``axis=0`` (per output channel). Blocked DQ on a 4-D
   weight is refused by TensorRT ("blocking dimension must be the last or second to last"), per-channel works.
 * Linear: codes ``[out, in]`` (torch's layout), scale ``[out, in / block]``, ``axis=1, block_size=block``: blocked
-  along the input dimension K, which is what TensorRT's INT4 GEMM takes. Our scales are per output channel, so the
-  blocked scale is that scale repeated for every block (``4 / block`` bytes per weight). The graph is F.linear's own:
-  ``Gemm(transB=1)`` for 2-D inputs, ``MatMul(x, Transpose(DQ))`` otherwise. Not the ``[in, out]`` ``axis=0`` layout
-  feeding MatMul directly: ONNX Runtime fuses that into com.microsoft::MatMulNBits, which by default quantizes the activations to int8
-  (measured 70 dB SQNR on the tiny UNet instead of ~126) -- the file would no longer mean what torch computes. Engine
-  bytes per weight, TensorRT-RTX 1.7, 512x512, block 128 (measured): 0.64 for 3-D inputs in either layout; 0.76 for
-  2-D inputs (0.52 with the fused-in-ORT layout).
+  along the input dimension K, the layout of TensorRT's INT4 GEMM (a per-channel DQ on a MatMul weight also builds,
+  but measured 0.63 engine bytes per weight against 0.52 blocked, over a float32 build of 4 MatMuls 512x512). Our
+  scales are per output channel, so the blocked scale is that scale repeated for every block (``4 / block`` bytes
+  per weight). The graph is F.linear's own: ``Gemm(transB=1)`` for 2-D inputs, ``MatMul(x, Transpose(DQ))``
+  otherwise. Not the ``[in, out]``, ``axis=0`` layout feeding MatMul directly: ONNX Runtime fuses that into
+  ``com.microsoft::MatMulNBits``, which by default quantizes the activations to int8 (measured 72 dB SQNR on the
+  tiny UNet instead of ~126), so the file would no longer compute what the torch model does.
 
 Scales are float32 because ``DequantizeLinear``'s output has the scale's type: fp16 scales would round
 ``q * scale`` in fp16 (an 11-bit significand times a 4-bit integer needs up to 15 bits), and TensorRT-RTX refuses
@@ -45,8 +46,8 @@ from ..quant.plan import EXPORT_GRID, NATIVE_INT4_MIN_BLOCK, WeightExport
 NATIVE_INT4_OPSET = 21
 # The TorchScript exporter's highest opset; the traced graph is declared NATIVE_INT4_OPSET afterwards.
 TRACE_OPSET = 20
-# Widest block first: 128 measured 0.517 engine bytes per weight, 64 0.524, 16 0.571 (256 saves only 0.004 more
-# and no longer divides many SD widths, e.g. 320).
+# Widest block first: 128 measured 0.517 engine bytes per weight, 64 0.524, 32 0.540, 16 0.571 (4 MatMuls 512x512
+# over a float32 build); 256 saves only 0.004 more and no longer divides SD's 320-wide layers.
 LINEAR_BLOCK_SIZES = (128, 64, 32, NATIVE_INT4_MIN_BLOCK)
 # Ops whose opset-21 version differs from their opset-20 one only by accepting more types (int4/uint4/float8);
 # GroupNormalization-21, for one, changed its semantics and is not listed.
