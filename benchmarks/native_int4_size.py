@@ -1,0 +1,60 @@
+"""ONNX and TensorRT-RTX engine bytes of the embedded default UNet at signed 4 bits: plugin-packed vs native INT4.
+
+Both variants quantize the same layers the same way (the demo recipe's rules, catch-all at signed 4-bit; conv_in /
+conv_out at 8 bits packed, time layers float) from calibrated scales (``--steps 0``: post-training quantization, the
+sizes do not depend on training). ``native`` stores every catch-all layer as INT4 + DequantizeLinear; ``packed``
+keeps them as lowbit::UnpackDequantize bit streams. Each file is checked against its deployed torch model in ONNX
+Runtime (the validate gates and the exact weight check) and built ahead of time for SM 8.9 with the Python plugin
+(no GPU needed; the engines are built, never run here).
+
+Usage: python benchmarks/native_int4_size.py [--steps 0] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from _common import print_table, recipe_with
+
+from lowbit_deploy.export.onnx_export import export_run
+from lowbit_deploy.pipeline import build_run
+from lowbit_deploy.qat.trainer import train
+from lowbit_deploy.quant.plan import WeightExport
+from lowbit_deploy.validate.parity import check_onnx, prepare_validation
+
+VARIANTS = {"packed": WeightExport.PACKED, "native": WeightExport.NATIVE_INT4}
+
+
+def measure(out: Path, variant: str, steps: int) -> list[object]:
+    recipe = recipe_with(4, "signed", steps=steps)
+    rules = list(recipe.quantize.layers)
+    rules[-1] = rules[-1].model_copy(update={"export": VARIANTS[variant]})
+    recipe = recipe.model_copy(update={"quantize": recipe.quantize.model_copy(update={"layers": rules})})
+    run = out / variant
+    train(recipe, run, progress=False)
+    export = export_run(run)
+    context = prepare_validation(run)
+    outputs, weights = check_onnx(run / "model.onnx", context, recipe.validate_.gates)
+    build = build_run(run, ["8.9"], plugin="python").report
+    return [variant, export.onnx_bytes, export.fp16_onnx_bytes, export.lowbit_nodes, export.native_int4_layers,
+            export.native_int4_weights, export.native_int4_bytes_per_weight or "-", build["engine_bytes"],
+            build["fp16_engine_bytes"], f"{outputs.status} ({outputs.stats.sqnr_db:.1f} dB)", weights.status]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="native-int4-") as scratch:
+        out = args.out or Path(scratch)
+        rows = [measure(out, variant, args.steps) for variant in VARIANTS]
+    print_table("signed 4-bit default UNet: plugin-packed vs native INT4 (TensorRT-RTX AOT, SM 8.9)",
+                ["variant", "onnx B", "fp16 onnx B", "lowbit nodes", "int4 layers", "int4 weights",
+                 "int4 B/weight", "engine B", "fp16 engine B", "ORT parity", "exact weights"], rows)
+
+
+if __name__ == "__main__":
+    main()
