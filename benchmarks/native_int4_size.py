@@ -7,7 +7,10 @@ keeps them as lowbit::UnpackDequantize bit streams. Each file is checked against
 Runtime (the validate gates and the exact weight check) and built ahead of time for SM 8.9 with the Python plugin
 (no GPU needed; the engines are built, never run here).
 
-Usage: python benchmarks/native_int4_size.py [--steps 0] [--out DIR]
+``--widen K`` multiplies every block's channels by K (a randomly initialised UNet of the default's layout): the
+default UNet's engines are mostly TensorRT's fixed part, a wider one shows what the weights cost.
+
+Usage: python benchmarks/native_int4_size.py [--steps 0] [--widen 1] [--out DIR]
 """
 
 from __future__ import annotations
@@ -27,13 +30,27 @@ from lowbit_deploy.validate.parity import check_onnx, prepare_validation
 VARIANTS = {"packed": WeightExport.PACKED, "native": WeightExport.NATIVE_INT4}
 
 
-def measure(out: Path, variant: str, steps: int) -> list[object]:
+def widened_model(folder: Path, factor: int) -> str:
+    """The default UNet's config with ``factor`` times the channels, randomly initialised, saved as ``unet/``."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from lowbit_deploy.models.loading import default_unet_config
+
+    config = default_unet_config()
+    config["block_out_channels"] = tuple(channels * factor for channels in config["block_out_channels"])
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    return str(folder)
+
+
+def measure(out: Path, variant: str, steps: int, model_path: str | None) -> list[object]:
     recipe = recipe_with(4, "signed", steps=steps)
     rules = list(recipe.quantize.layers)
     rules[-1] = rules[-1].model_copy(update={"export": VARIANTS[variant]})
     recipe = recipe.model_copy(update={"quantize": recipe.quantize.model_copy(update={"layers": rules})})
     run = out / variant
-    train(recipe, run, progress=False)
+    train(recipe, run, model_path=model_path, progress=False)
     export = export_run(run)
     context = prepare_validation(run)
     outputs, weights = check_onnx(run / "model.onnx", context, recipe.validate_.gates)
@@ -46,12 +63,14 @@ def measure(out: Path, variant: str, steps: int) -> list[object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=0)
+    parser.add_argument("--widen", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="native-int4-") as scratch:
         out = args.out or Path(scratch)
-        rows = [measure(out, variant, args.steps) for variant in VARIANTS]
-    print_table("signed 4-bit default UNet: plugin-packed vs native INT4 (TensorRT-RTX AOT, SM 8.9)",
+        model_path = widened_model(out / "model", args.widen) if args.widen > 1 else None
+        rows = [measure(out, variant, args.steps, model_path) for variant in VARIANTS]
+    print_table(f"signed 4-bit default UNet{f' x{args.widen} wide' if args.widen > 1 else ''}: plugin-packed vs native INT4 (TensorRT-RTX AOT, SM 8.9)",
                 ["variant", "onnx B", "fp16 onnx B", "lowbit nodes", "int4 layers", "int4 weights",
                  "int4 B/weight", "engine B", "fp16 engine B", "ORT parity", "exact weights"], rows)
 
