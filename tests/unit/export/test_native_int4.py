@@ -264,3 +264,28 @@ def test_a_corrupted_int4_initializer_fails_the_exact_weight_check(native_run, c
     assert not result.passed
     for text in expected:
         assert any(failure.startswith(text) for failure in result.failures), (text, result.failures)
+
+
+def test_a_model_with_every_quantized_layer_native_has_no_lowbit_op_and_still_validates(tmp_path):
+    from tinymodels import TINY_RECIPE, make_tiny_unet
+
+    from lowbit_deploy.export.onnx_export import export_run
+    from lowbit_deploy.qat.trainer import train
+    from lowbit_deploy.validate.parity import check_onnx, prepare_validation
+
+    make_tiny_unet().save_pretrained(tmp_path / "model" / "unet")
+    data = copy.deepcopy(TINY_RECIPE)
+    data["train"]["steps"] = 1
+    data["quantize"]["layers"] = [{"pattern": "conv_*", "keep_float": True},
+                                  *data["quantize"]["layers"][2:4], {"pattern": "*", **NATIVE}]
+    train(parse_recipe(data), tmp_path / "run", model_path=str(tmp_path / "model"), progress=False)
+    report = export_run(tmp_path / "run")
+    model = onnx.load(str(tmp_path / "run" / "model.onnx"))
+    assert report.lowbit_nodes == report.op_version == 0 and report.quantized_weights == 0
+    context = prepare_validation(tmp_path / "run")
+    # Every Conv2d/Linear but conv_in/conv_out and the 4 time layers (float).
+    assert report.native_int4_layers == len(context.checkpoint.plan.quantized) == 71 and not model.functions
+    assert [(imp.domain, imp.version) for imp in model.opset_import] == [("", NATIVE_INT4_OPSET)]
+    outputs, weights = check_onnx(tmp_path / "run" / "model.onnx", context, context.checkpoint.recipe.validate_.gates)
+    assert (outputs.status, weights.status) == ("passed", "passed"), outputs.failures + weights.failures
+    assert weights.details["decoded_layers_checked"] == 71
