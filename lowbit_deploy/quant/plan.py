@@ -246,7 +246,8 @@ class QuantPlan:
     # ---- persistence -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         native = any(layer.export is not WeightExport.PACKED for layer in self.layers)
-        return {"format": PLAN_FORMAT_EXPORTS if native else PLAN_FORMAT, "source": self.source, "total_params": self.total_params,
+        return {"format": PLAN_FORMAT_EXPORTS if native else PLAN_FORMAT, "source": self.source,
+                "total_params": self.total_params,
                 "layers": [layer.to_dict() for layer in self.layers]}
 
     def to_json(self) -> str:
