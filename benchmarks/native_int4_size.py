@@ -10,7 +10,7 @@ Runtime (the validate gates and the exact weight check) and built ahead of time 
 ``--widen K`` multiplies every block's channels by K (a randomly initialised UNet of the default's layout): the
 default UNet's engines are mostly TensorRT's fixed part, a wider one shows what the weights cost. The ONNX Runtime
 gates are calibrated on the default model: a random x4 UNet measured ~113 dB against the 120 dB gate for both
-variants alike (float32 op-order noise of a wider, untrained net), while the exact weight check passed.
+variants alike (113.1 vs 113.0 dB; cause not investigated), while the exact weight check passed.
 
 Usage: python benchmarks/native_int4_size.py [--steps 0] [--widen 1] [--out DIR]
 """
