@@ -45,12 +45,15 @@ def main() -> None:
     if not onnx_path.is_file():
         raise SystemExit(f"no {onnx_path}; run `make demo` (or `lowbit-deploy run ...`) first")
     context = prepare_validation(args.run_dir)
-    gates = context.checkpoint.recipe.validate_.gates if args.run_gates else Gates()
-    print(f"run: {args.run_dir}  gates: onnxruntime {gates.onnxruntime.model_dump()}")
+    config = context.checkpoint.recipe.validate_
+    gates = config.gates if args.run_gates else Gates()
+    gates, _ = context.effective_gates(gates, config.sampling)  # floor-following gates resolved for this model
+    floor = f"float32 noise floor {context.noise_floor().sqnr_db:.1f} dB; " if gates.follow_floor else ""
+    print(f"run: {args.run_dir}  {floor}gates: onnxruntime {gates.onnxruntime.model_dump()}, per-layer "
+          f"{gates.per_layer_min_sqnr_db} dB")
     started = time.perf_counter()
 
     false_alarms = []
-    config = context.checkpoint.recipe.validate_
     for seed in range(args.seeds):
         seeded = copy.copy(context)
         seeded.inputs = parity_feeds(context.signature, context.bundle.condition, config.batches, config.batch_size,

@@ -142,6 +142,11 @@ def validate(run_dir: Path, max_abs, max_rel, min_cosine, min_sqnr_db, min_psnr_
         for backend in ("onnxruntime", "tensorrt")})
     if per_layer_min_sqnr_db is not None:
         gates = gates.model_copy(update={"per_layer_min_sqnr_db": per_layer_min_sqnr_db})
+    if gates.follow_floor is not None:  # a gate given as a flag is used as given, not relative to the noise floor
+        fixed = {"output_margin_db": min_sqnr_db, "max_abs_factor": max_abs,
+                 "per_layer_margin_db": per_layer_min_sqnr_db, "sampling_margin_db": min_psnr_db}
+        gates = gates.model_copy(update={"follow_floor": gates.follow_floor.model_copy(
+            update={key: None for key, flag in fixed.items() if flag is not None})})
     sampling_overrides = {k: v for k, v in dict(min_psnr_db=min_psnr_db, num_samples=samples,
                                                 num_steps=sampling_steps).items() if v is not None}
     report = validate_run(run_dir, gates=gates, sampling=with_overrides(config.sampling, sampling_overrides),
@@ -170,6 +175,12 @@ def _print_validation(report: dict) -> None:
         click.echo(f"[{item['artifact']}] {item['status']}{detail}")
         for failure in item["failures"]:
             click.echo(f"    {failure}")
+    floor, gates = report.get("noise_floor"), report.get("gates")
+    if floor and gates:
+        click.echo(f"[gates] float32 noise floor {floor['sqnr_db']:.1f} dB -> onnxruntime SQNR >= "
+                   f"{gates['onnxruntime']['min_sqnr_db']} dB, max_abs <= {gates['onnxruntime']['max_abs']}; "
+                   f"per-layer >= {gates['per_layer_min_sqnr_db']} dB; sampling PSNR >= "
+                   f"{report['sampling'].get('min_psnr_db', '-')} dB")
     per_layer = report.get("per_layer") or {}
     if "verdict" in per_layer:
         click.echo(f"[per-layer] {per_layer['status']}: {per_layer['verdict']}")

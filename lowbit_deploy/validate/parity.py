@@ -57,11 +57,13 @@ class ValidationReport:
     passed: bool
     seconds: float
     per_layer: dict = field(default_factory=dict)
+    gates: dict = field(default_factory=dict)          # the gates applied (floor-following values resolved)
+    noise_floor: dict | None = None                    # validate/floor.py, where the gates follow it
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "seconds": round(self.seconds, 2),
                 "parity": [p.to_dict() for p in self.parity], "sampling": self.sampling,
-                "per_layer": self.per_layer}
+                "per_layer": self.per_layer, "gates": self.gates, "noise_floor": self.noise_floor}
 
 
 def parity_feeds(signature: DeployedSignature, condition, batches: int, batch_size: int, seed: int) -> list[Feeds]:
@@ -181,6 +183,7 @@ class ValidationInputs:
     deployed: object  # export.deployed.DeployedUNet
     inputs: list[Feeds]
     _references: list[torch.Tensor] | None = None
+    _floor: object | None = None
 
     @property
     def signature(self) -> DeployedSignature:
@@ -193,6 +196,20 @@ class ValidationInputs:
             with torch.no_grad():
                 self._references = [run(feeds) for feeds in self.inputs]
         return self._references
+
+    def noise_floor(self):
+        """The deployed model's float32 noise floor on ``inputs`` (validate/floor.py), measured once."""
+        from .floor import measure_floor
+
+        if self._floor is None:
+            self._floor = measure_floor(self.deployed, self.inputs, self.reference_outputs())
+        return self._floor
+
+    def effective_gates(self, gates: Gates, sampling: SamplingSection) -> tuple[Gates, SamplingSection]:
+        """``gates`` and ``sampling`` with their floor-following values resolved for this model."""
+        from .floor import floor_gates
+
+        return floor_gates(gates, sampling, self.noise_floor() if gates.follow_floor else None)
 
     def reference_runner(self) -> Runner:
         outputs = {id(feeds): output for feeds, output in zip(self.inputs, self.reference_outputs())}
@@ -244,8 +261,7 @@ def validate_run(run_dir: str | Path, *, gates: Gates | None = None, sampling: S
     context = prepare_validation(run_dir)
     recipe, signature = context.checkpoint.recipe, context.signature
     config = recipe.validate_
-    gates = gates or config.gates
-    sampling = sampling or config.sampling
+    gates, sampling = context.effective_gates(gates or config.gates, sampling or config.sampling)
     num_steps = recipe.sampling_steps(sampling.num_steps)
     if signature.time_input is TimeInput.STEP_INDEX and num_steps != signature.num_steps:
         raise UserError(f"sampling with {num_steps} steps, but the time features are cached for "
@@ -267,9 +283,9 @@ def validate_run(run_dir: str | Path, *, gates: Gates | None = None, sampling: S
                                             num_steps, run_dir / "samples.png"))
     passed = all(p.status == "passed" or p.status.startswith("not run") for p in parity) and \
         sampling_result["status"] != "failed" and layers["status"] != "failed"
-    report = ValidationReport(parity, sampling_result, passed, time.perf_counter() - started, layers)
-    full = update_report(run_dir, "validate", {**report.to_dict(), "deployment_rounding": rounding,
-                                               "gates": gates.model_dump()})
+    report = ValidationReport(parity, sampling_result, passed, time.perf_counter() - started, layers,
+                              gates.model_dump(), context._floor.to_dict() if context._floor else None)
+    full = update_report(run_dir, "validate", {**report.to_dict(), "deployment_rounding": rounding})
     write_markdown(run_dir / "report.md", full)
     return report
 
