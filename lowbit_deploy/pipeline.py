@@ -106,7 +106,7 @@ def _run_locked(recipe: Recipe, out: Path, model_path, steps, progress, build: b
     from .qat.trainer import train
     from .validate.parity import validate_run
 
-    done = completed_stages(out, recipe, steps) if resume else {}
+    done = completed_stages(out, recipe, steps, build) if resume else {}
     summary: dict = {"run_dir": str(out)}
     if "train" in done:
         summary["train"] = done["train"]
@@ -125,7 +125,8 @@ def _run_locked(recipe: Recipe, out: Path, model_path, steps, progress, build: b
     return summary
 
 
-def completed_stages(run_dir: Path, recipe: Recipe, steps: int | None = None) -> dict[str, dict]:
+def completed_stages(run_dir: Path, recipe: Recipe, steps: int | None = None,
+                     build: bool = True) -> dict[str, dict]:
     """The report entries of the stages ``run --resume`` can skip: complete, in chain order, each newer than the
     artifact it was made from (a stage after one that must run again is not complete)."""
     import json
@@ -151,7 +152,9 @@ def completed_stages(run_dir: Path, recipe: Recipe, steps: int | None = None) ->
         return done
     done["export"] = report["export"]
     entry = report.get("build", {})
-    if entry.get("status") != "built" or not engine.is_file() or engine.stat().st_mtime < onnx.stat().st_mtime:
+    built = entry.get("status") == "built" and engine.is_file() and engine.stat().st_mtime >= onnx.stat().st_mtime
+    skipped_again = not build and entry.get("status") == "not run: --no-build"
+    if not (built or skipped_again):
         return done  # a build that did not run is cheap to try again (TensorRT may be installed now)
     done["build"] = entry
     if "validate" in report and (run_dir / "report.md").is_file():
