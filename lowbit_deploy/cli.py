@@ -196,14 +196,17 @@ def _print_validation(report: dict) -> None:
 @click.option("--steps", type=click.IntRange(min=0), default=None, help="Override train.steps.")
 @click.option("--build/--no-build", default=True, help="Build the TensorRT engine (needs TensorRT or TensorRT-RTX).")
 @PLUGIN
+@click.option("--resume", is_flag=True,
+              help="Continue RUN_DIR after its last complete stage (e.g. after a crash), training included.")
 @PROGRESS
 @stage
-def run(recipe: Path, run_dir: Path, model_path, steps, build: bool, plugin: str, progress: bool) -> bool:
+def run(recipe: Path, run_dir: Path, model_path, steps, build: bool, plugin: str, resume: bool,
+        progress: bool) -> bool:
     """All stages in one RUN_DIR: train -> export -> build -> validate; writes report.json, report.md, samples.png."""
     from .pipeline import run_pipeline
 
     summary = run_pipeline(recipe, run_dir, model_path=model_path, steps=steps, progress=progress, build=build,
-                           plugin=plugin)
+                           plugin=plugin, resume=resume)
     report_result(summary)
     click.echo(f"train: {json.dumps(summary['train'])}")
     export_report = summary["export"]
