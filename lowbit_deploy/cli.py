@@ -191,7 +191,7 @@ def _print_validation(report: dict) -> None:
 @main.command()
 @RECIPE
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run directory for every artifact (must not hold a checkpoint yet).")
+              help="Run directory for every artifact (must not hold a checkpoint yet, unless --resume).")
 @click.option("--model", "model_path", default=None, help="Local diffusers checkpoint folder to quantize.")
 @click.option("--steps", type=click.IntRange(min=0), default=None, help="Override train.steps.")
 @click.option("--build/--no-build", default=True, help="Build the TensorRT engine (needs TensorRT or TensorRT-RTX).")

@@ -293,3 +293,34 @@ def _sys_is_writable() -> bool:
         return False
     (Path("/sys") / ".lowbit-deploy-probe").unlink()
     return True
+
+
+@pytest.mark.parametrize("command", ["export", "build", "train"])
+def test_a_run_directory_in_use_by_another_process_is_refused_with_its_pid(command, shared, tmp_path):
+    from lowbit_deploy.run_dir import run_lock
+
+    run = Path(_run_copy(tmp_path, shared, lambda r: None))
+    args = {"export": ["export", str(run)], "build": ["build", str(run), "--plugin", "python"],
+            "train": _train(tmp_path, shared, None, run, "--resume")}[command]
+    ready_read, ready_write = os.pipe()
+    release_read, release_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child: holds the lock until the parent closes the pipe
+        try:
+            os.close(release_write)
+            with run_lock(run):
+                os.write(ready_write, b"1")
+                os.read(release_read, 1)
+        finally:
+            os._exit(0)
+    os.close(release_read)
+    try:
+        assert os.read(ready_read, 1) == b"1"
+        before = _snapshot(tmp_path)
+        result = CliRunner().invoke(main, args)
+    finally:
+        os.close(release_write)
+        os.waitpid(pid, 0)
+    assert result.exit_code == 2, result.output
+    assert re.search(rf"is in use by pid {pid} .*wait for it to finish", result.output), result.output
+    assert "Traceback" not in result.output and _snapshot(tmp_path) == before
