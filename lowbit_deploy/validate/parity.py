@@ -254,10 +254,19 @@ def validate_run(run_dir: str | Path, *, gates: Gates | None = None, sampling: S
                  per_layer_chunk: int | None = None) -> ValidationReport:
     """Every check of ``run_dir``'s artifacts against its deployed torch model (see the module docstring);
     ``per_layer``: also bisect layer by layer (writes per_layer_sqnr.png)."""
+    from ..run_dir import check_run_dir_exists, run_lock
+
+    run_dir = check_run_dir_exists(run_dir, "lowbit-deploy train RECIPE --out RUN_DIR")
+    # Locked: another process exporting or building into the run would swap model.onnx under the comparison.
+    with run_lock(run_dir):
+        return _validate_locked(run_dir, gates, sampling, skip_sampling, per_layer, per_layer_chunk)
+
+
+def _validate_locked(run_dir: Path, gates: Gates | None, sampling: SamplingSection | None, skip_sampling: bool,
+                     per_layer: bool, per_layer_chunk: int | None) -> ValidationReport:
     from .report import write_markdown
 
     started = time.perf_counter()
-    run_dir = Path(run_dir)
     context = prepare_validation(run_dir)
     recipe, signature = context.checkpoint.recipe, context.signature
     config = recipe.validate_
