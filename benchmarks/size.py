@@ -12,7 +12,7 @@ from pathlib import Path
 
 from _common import print_table, recipe_with
 
-from lowbit_deploy.build import backend_unavailable_reason
+from lowbit_deploy.engines import backend_unavailable_reason
 from lowbit_deploy.export.onnx_export import export_run
 from lowbit_deploy.pipeline import build_run
 from lowbit_deploy.qat.trainer import train
@@ -28,8 +28,8 @@ def sd_scale_layer_rows(root: Path) -> list[list[object]]:
     import numpy as np
     import onnx
 
-    from lowbit_deploy.build.engine import build_engine
-    from lowbit_deploy.build.toy_models import conv_chain_model, plain_conv_model, random_weight
+    from lowbit_deploy.engines.engine import build_engine
+    from lowbit_deploy.engines.toy_models import conv_chain_model, plain_conv_model, random_weight
     from lowbit_deploy.quant.packing import best_format
 
     rows = []

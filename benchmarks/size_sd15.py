@@ -235,7 +235,7 @@ def graph_fingerprint(model) -> list[tuple]:
 def _build_engine_child(onnx_path: str, queue) -> None:
     """One engine build in a fresh process: its memory is returned when it ends and an out-of-memory kill of a
     build loses nothing the parent printed."""
-    from lowbit_deploy.build.engine import build_engine
+    from lowbit_deploy.engines.engine import build_engine
     from lowbit_deploy.recipes import BuildSection
     from lowbit_deploy.runtime.ort import read_signature
 
@@ -254,7 +254,7 @@ def _build_engine_child(onnx_path: str, queue) -> None:
 def build_engines(paths: dict[str, Path], phases: "Phases") -> list[list[object]]:
     import multiprocessing
 
-    from lowbit_deploy.build import backend_unavailable_reason
+    from lowbit_deploy.engines import backend_unavailable_reason
 
     reason = backend_unavailable_reason()
     if reason:

@@ -37,8 +37,8 @@ def build_run(run_dir: str | Path, compute_capabilities: list[str] | None = None
     """The ``build`` stage: ``model.onnx`` -> ``model.engine`` (plugin layers for every lowbit node).
 
     ``plugin``: "cpp" (the C++ plugin library, checked before anything is built) or "python" (the fallback)."""
-    from .build.plugin_library import PLUGIN_KINDS, check_plugin_library
-    from .build.tensorrt_import import tensorrt_backend
+    from .engines.plugin_library import PLUGIN_KINDS, check_plugin_library
+    from .engines.tensorrt_import import tensorrt_backend
     from .qat.checkpoint import checkpoint_recipe
 
     run_dir = check_run_dir_exists(run_dir, "lowbit-deploy train RECIPE --out RUN_DIR")
@@ -63,7 +63,7 @@ def build_run(run_dir: str | Path, compute_capabilities: list[str] | None = None
 
 def _build_locked(run_dir: Path, onnx_path: Path, capabilities, shapes, batches, fp16_reference: bool,
                   plugin: str) -> BuildOutcome:
-    from .build.engine import build_engine
+    from .engines.engine import build_engine
     from .runtime.ort import read_signature
 
     report = build_engine(onnx_path, run_dir / "model.engine", compute_capabilities=capabilities,
@@ -164,9 +164,9 @@ def completed_stages(run_dir: Path, recipe: Recipe, steps: int | None = None,
 
 def _check_plugin_before_training(plugin: str) -> None:
     """A missing or stale C++ plugin library fails ``run`` before training, not after it."""
-    from .build import backend_unavailable_reason
-    from .build.plugin_library import PLUGIN_KINDS, check_plugin_library
-    from .build.tensorrt_import import tensorrt_backend
+    from .engines import backend_unavailable_reason
+    from .engines.plugin_library import PLUGIN_KINDS, check_plugin_library
+    from .engines.tensorrt_import import tensorrt_backend
 
     if plugin not in PLUGIN_KINDS:
         raise UserError(f"unknown plugin {plugin!r}; choose one of {', '.join(PLUGIN_KINDS)}")
@@ -175,7 +175,7 @@ def _check_plugin_before_training(plugin: str) -> None:
 
 
 def _build_or_reason(run_dir: Path, plugin: str) -> dict:
-    from .build import backend_unavailable_reason
+    from .engines import backend_unavailable_reason
 
     reason = backend_unavailable_reason()
     if reason:

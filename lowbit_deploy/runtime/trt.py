@@ -42,8 +42,8 @@ def unavailable_reason(built_for: list[str] | None = None) -> str | None:
     here -- no GPU, no TensorRT, no CUDA kernel library for the plugin, another GPU architecture -- or None."""
     if not gpu_available():
         return "no GPU"
-    from ..build import backend_unavailable_reason
-    from ..build.kernels import ensure_kernel_library
+    from ..engines import backend_unavailable_reason
+    from ..engines.kernels import ensure_kernel_library
 
     reason = backend_unavailable_reason()
     if reason:
@@ -76,8 +76,8 @@ class TrtRunner:
     def __init__(self, engine_path: str | os.PathLike[str], backend: str | None = None) -> None:
         if not gpu_available():
             raise GpuUnavailableError(NO_GPU_REASON)
-        from ..build.plugin import register_plugins
-        from ..build.tensorrt_import import tensorrt_backend
+        from ..engines.plugin import register_plugins
+        from ..engines.tensorrt_import import tensorrt_backend
 
         path = Path(engine_path)
         if not path.is_file():

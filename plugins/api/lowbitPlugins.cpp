@@ -14,7 +14,7 @@
 
 namespace
 {
-// Found in the file's bytes by lowbit_deploy/build/plugin_library.py (no extra export needed): a library compiled
+// Found in the file's bytes by lowbit_deploy/engines/plugin_library.py (no extra export needed): a library compiled
 // against other TensorRT headers than its runtime's family is refused before anything is built.
 [[gnu::used]] char const kBUILD_INFO[] = "lowbit-plugin-build-info: tensorrt-headers="
     LOWBIT_STRINGIFY(NV_TENSORRT_MAJOR) "." LOWBIT_STRINGIFY(NV_TENSORRT_MINOR) "." LOWBIT_STRINGIFY(NV_TENSORRT_PATCH)

@@ -2,7 +2,7 @@
  * Packing-format constants shared by every low-bit kernel and plugin.
  *
  * Mirrors lowbit_deploy/quant/packing.py (PackingFormat, MIN_LEVELS, MAX_LEVELS, MAX_GROUP_BITS, bitstream_group)
- * and the op contracts in docs/ops/UnpackDequantize_v1.md (word formats) and UnpackDequantize_v2.md (bit stream). tests/unit/build/test_format_constants.py parses this file and checks every
+ * and the op contracts in docs/ops/UnpackDequantize_v1.md (word formats) and UnpackDequantize_v2.md (bit stream). tests/unit/engines/test_format_constants.py parses this file and checks every
  * value against the Python source of truth, so keep one `constexpr` per line in the form `NAME = VALUE;`.
  */
 #ifndef LOWBIT_FORMAT_H

@@ -285,7 +285,7 @@ UnpackDequantizeFields parseFields(OpVersion version, nvinfer1::PluginFieldColle
     UnpackDequantizeFields fields;
     fields.version = version;
     // Scalars first (type, count, range), then levels, then the version's own fields, then the shape: the order
-    // of the checks in build/plugin.py, so both plugins name the same problem first.
+    // of the checks in engines/plugin.py, so both plugins name the same problem first.
     std::map<std::string, int32_t> scalars;
     for (char const* name : fieldNames(version))
     {
@@ -294,7 +294,7 @@ UnpackDequantizeFields parseFields(OpVersion version, nvinfer1::PluginFieldColle
             scalars[name] = scalar(byName.at(name));
         }
     }
-    // The shape's type is checked with the scalars, its values after the version's fields (as build/plugin.py).
+    // The shape's type is checked with the scalars, its values after the version's fields (as engines/plugin.py).
     static_cast<void>(integers(byName.at(kSHAPE)));
     fields.levels = scalars.at(kLEVELS);
     fields.qmin = scalars.at(kQMIN);
@@ -370,7 +370,7 @@ SerializedFields::SerializedFields(UnpackDequantizeFields const& fields)
     mScalars = fields.version == OpVersion::kWORDS
         ? std::array<int32_t, 4>{fields.levels, fields.qmin, fields.wordBits, fields.codesPerWord}
         : std::array<int32_t, 4>{fields.levels, fields.qmin, fields.groupSize, fields.groupBits};
-    // Same names, order and types as build/plugin.py's _serialization_arrays: one INT32 per scalar, the shape as
+    // Same names, order and types as engines/plugin.py's _serialization_arrays: one INT32 per scalar, the shape as
     // INT64 (the op allows any extent) -- engines built with either plugin are byte-identical.
     for (size_t i = 0; i < mScalars.size(); ++i)
     {

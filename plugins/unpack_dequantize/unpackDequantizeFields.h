@@ -1,7 +1,7 @@
 /*
  * The plugin fields of lowbit::UnpackDequantize v1 (word formats) and v2 (bit stream): parsed by name from a
  * PluginFieldCollection, validated, and serialized back as named fields. The C++ twin of parse_fields /
- * parse_fields_v2 / _serialization_arrays in lowbit_deploy/build/plugin.py: the same names, the same checks, and the
+ * parse_fields_v2 / _serialization_arrays in lowbit_deploy/engines/plugin.py: the same names, the same checks, and the
  * same serialized types (scalars as one INT32, the shape as INT64), so an engine built with either plugin is
  * byte-identical and deserializes with either (tests/trt/test_cpp_plugin.py checks both).
  */
@@ -31,7 +31,7 @@ enum class OpVersion : int32_t
 //! TensorRT tensors have at most this many dimensions.
 constexpr int32_t kMAX_RANK = nvinfer1::Dims::MAX_DIMS;
 // Keeps every count derived from prod(shape) (words, stream bits = groups * 56) far from int64 overflow; 2^48 float32
-// outputs would be 1 PiB, so no real weight is refused. Mirrored by MAX_WEIGHT_ELEMENTS in build/plugin.py.
+// outputs would be 1 PiB, so no real weight is refused. Mirrored by MAX_WEIGHT_ELEMENTS in engines/plugin.py.
 constexpr int64_t kMAX_WEIGHT_ELEMENTS = int64_t{1} << 48;
 //! TensorRT's limit on plugin and field name strings, terminator included.
 constexpr size_t kMAX_NAME_LENGTH = 1024;

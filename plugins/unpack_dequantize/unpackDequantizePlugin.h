@@ -1,7 +1,7 @@
 /*
  * TensorRT IPluginV3 glue of lowbit::UnpackDequantize v1 (word formats) and v2 (bit stream): one plugin class whose
  * version lives in its validated fields (UnpackDequantizeFields: packed input type, packed length, launcher), and
- * one IPluginCreatorV3One per version, like the Python plugin in lowbit_deploy/build/plugin.py. The decode itself is
+ * one IPluginCreatorV3One per version, like the Python plugin in lowbit_deploy/engines/plugin.py. The decode itself is
  * the kernel library's C ABI (unpackDequantizeKernel.h), free of TensorRT types.
  *
  * Inputs: 0 packed (INT8 words or stream bytes, or INT32 words) [packed length], 1 HALF scales [shape[0]];

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from lowbit_deploy.build.plugin_library import PLUGINS_DIR
+from lowbit_deploy.engines.plugin_library import PLUGINS_DIR
 from lowbit_deploy.runtime.trt import gpu_available
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU")]

@@ -26,7 +26,7 @@ def _expected(codes: np.ndarray, qmin: int, scale_fp16: np.ndarray, shape: tuple
 def test_cuda_kernel_matches_host_and_reference(levels, fmt, shape) -> None:
     import torch
 
-    from lowbit_deploy.build.kernels import unpack_dequantize_cuda, unpack_dequantize_host
+    from lowbit_deploy.engines.kernels import unpack_dequantize_cuda, unpack_dequantize_host
 
     k = packing.codes_per_word(levels, fmt.word_bits)
     if k < 1:
@@ -51,7 +51,7 @@ def test_cuda_bitstream_kernel_matches_host_and_reference(levels, shape) -> None
     """Op v2: one thread per output element over the bit stream; equal to the host path and the reference."""
     import torch
 
-    from lowbit_deploy.build.kernels import unpack_dequantize_bitstream_cuda, unpack_dequantize_bitstream_host
+    from lowbit_deploy.engines.kernels import unpack_dequantize_bitstream_cuda, unpack_dequantize_bitstream_host
 
     size, bits = packing.bitstream_group(levels)
     rng = np.random.default_rng(levels)
@@ -79,7 +79,7 @@ def test_engine_runs_and_matches_dense_reference(tmp_path, chain) -> None:
     """Builds and runs the toy conv chain where a TensorRT that targets this GPU is installed."""
     import torch
 
-    from lowbit_deploy.build.tensorrt_import import tensorrt_importable
+    from lowbit_deploy.engines.tensorrt_import import tensorrt_importable
 
     major, minor = torch.cuda.get_device_capability()
     if tensorrt_importable("tensorrt"):
@@ -91,8 +91,8 @@ def test_engine_runs_and_matches_dense_reference(tmp_path, chain) -> None:
                     "does not target SM90")
     import onnx
 
-    from lowbit_deploy.build.engine import build_engine
-    from lowbit_deploy.build.toy_models import conv_chain_model, random_weight
+    from lowbit_deploy.engines.engine import build_engine
+    from lowbit_deploy.engines.toy_models import conv_chain_model, random_weight
     from lowbit_deploy.runtime.trt import TrtRunner
 
     rng = np.random.default_rng(0)

@@ -1,5 +1,5 @@
 """Builds one engine in a fresh process (a process keeps the C++ plugin library once loaded, see
-lowbit_deploy/build/plugin_library.py): ``python build_worker.py cpp|python MODEL.onnx OUT.engine`` prints one JSON
+lowbit_deploy/engines/plugin_library.py): ``python build_worker.py cpp|python MODEL.onnx OUT.engine`` prints one JSON
 line ``{"ok": true, "report": {...}}`` or ``{"ok": false, "error": "..."}``."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import sys
 
-from lowbit_deploy.build.engine import build_engine
+from lowbit_deploy.engines.engine import build_engine
 from lowbit_deploy.errors import UserError
 
 if __name__ == "__main__":

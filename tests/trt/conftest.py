@@ -15,9 +15,9 @@ VENDORED_HEADERS = Path(__file__).resolve().parents[3] / "shared" / "third_party
 def cpp_plugin_library():
     """The checked ``liblowbit_plugins_trt11.so``. Skips where nvcc or cmake is missing (``make test`` then skips
     building it, with a note); where both exist a missing or stale library is a failure, not a skip."""
-    from lowbit_deploy.build.kernels import find_nvcc
-    from lowbit_deploy.build.plugin_library import check_plugin_library
-    from lowbit_deploy.build.tensorrt_import import tensorrt_backend
+    from lowbit_deploy.engines.kernels import find_nvcc
+    from lowbit_deploy.engines.plugin_library import check_plugin_library
+    from lowbit_deploy.engines.tensorrt_import import tensorrt_backend
     from lowbit_deploy.errors import UserError
 
     try:

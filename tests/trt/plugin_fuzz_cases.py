@@ -96,8 +96,8 @@ def _collection(trt, fields: list) -> tuple[object, list]:
 
 
 def main(kind: str) -> None:
-    from lowbit_deploy.build.plugin_library import use_plugins
-    from lowbit_deploy.build.tensorrt_import import tensorrt_backend
+    from lowbit_deploy.engines.plugin_library import use_plugins
+    from lowbit_deploy.engines.tensorrt_import import tensorrt_backend
     from lowbit_deploy.errors import UserError
 
     backend = tensorrt_backend("tensorrt_rtx")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from tinymodels import TINY_RECIPE
 
-from lowbit_deploy.build.tensorrt_import import tensorrt_importable
+from lowbit_deploy.engines.tensorrt_import import tensorrt_importable
 from lowbit_deploy.runtime.trt import gpu_available
 
 pytestmark = [
@@ -47,7 +47,7 @@ def _wheel_library() -> Path | None:
 def app(tmp_path_factory) -> Path:
     """The app, compiled fresh into a temporary build folder (~10 s). Skips, with the reason, only where a
     prerequisite is missing; a failing compile with everything present is a failure."""
-    from lowbit_deploy.build.kernels import find_nvcc
+    from lowbit_deploy.engines.kernels import find_nvcc
 
     library = _wheel_library()
     missing = [what for what, present in (

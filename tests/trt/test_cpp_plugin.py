@@ -16,7 +16,7 @@ import pytest
 from fresh_process import build_in_fresh_process
 from onnx import numpy_helper
 
-from lowbit_deploy.build.tensorrt_import import tensorrt_importable
+from lowbit_deploy.engines.tensorrt_import import tensorrt_importable
 from lowbit_deploy.quant.packing import PackingFormat
 
 pytestmark = [
@@ -35,7 +35,7 @@ CHAINS = {
 
 
 def _chain(tag: str) -> onnx.ModelProto:
-    from lowbit_deploy.build.toy_models import conv_chain_model, random_weight
+    from lowbit_deploy.engines.toy_models import conv_chain_model, random_weight
 
     rng = np.random.default_rng(0)
     weights = [random_weight(f"w{i}", shape, levels, fmt, rng) for i, (shape, levels, fmt) in enumerate(CHAINS[tag])]

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from lowbit_deploy.build.tensorrt_import import tensorrt_importable
+from lowbit_deploy.engines.tensorrt_import import tensorrt_importable
 from lowbit_deploy.errors import UserError
 from lowbit_deploy.quant.packing import PackingFormat
 
@@ -28,7 +28,7 @@ PLUGIN = "python"
 
 
 def _weights(specs, seed=0):
-    from lowbit_deploy.build.toy_models import random_weight
+    from lowbit_deploy.engines.toy_models import random_weight
 
     rng = np.random.default_rng(seed)
     return [random_weight(f"w{i}", shape, levels, fmt, rng) for i, (shape, levels, fmt) in enumerate(specs)]
@@ -43,7 +43,7 @@ def _save(model: onnx.ModelProto, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def chain_onnx(tmp_path_factory) -> tuple[Path, int]:
     """x[1,8,8,8] -> Conv(ternary INT8 words) -> Relu -> Conv(17 levels INT32 words) -> Relu -> Conv(4 levels INT8)."""
-    from lowbit_deploy.build.toy_models import conv_chain_model
+    from lowbit_deploy.engines.toy_models import conv_chain_model
 
     weights = _weights([((8, 8, 3, 3), 3, PackingFormat.INT8_WORDS), ((8, 8, 3, 3), 17, PackingFormat.INT32_WORDS),
                         ((4, 8, 1, 1), 4, PackingFormat.INT8_WORDS)])
@@ -56,7 +56,7 @@ def chain_onnx(tmp_path_factory) -> tuple[Path, int]:
 def chain_onnx_v2(tmp_path_factory) -> tuple[Path, int]:
     """The same chain with every weight in the op-v2 bit stream: ternary (g=29, B=46), 17 levels (g=11, B=45),
     5 levels (g=3, B=7); none of the numels is a multiple of g."""
-    from lowbit_deploy.build.toy_models import conv_chain_model
+    from lowbit_deploy.engines.toy_models import conv_chain_model
 
     weights = _weights([((8, 8, 3, 3), 3, PackingFormat.BITSTREAM), ((8, 8, 3, 3), 17, PackingFormat.BITSTREAM),
                         ((4, 8, 1, 1), 5, PackingFormat.BITSTREAM)])
@@ -67,7 +67,7 @@ def chain_onnx_v2(tmp_path_factory) -> tuple[Path, int]:
 
 
 def test_v2_build_has_one_plugin_layer_per_lowbit_node(chain_onnx_v2, tmp_path) -> None:
-    from lowbit_deploy.build.engine import build_engine, count_plugin_layers
+    from lowbit_deploy.engines.engine import build_engine, count_plugin_layers
 
     onnx_path, lowbit_nodes = chain_onnx_v2
     report = build_engine(onnx_path, tmp_path / "chain_v2.engine", compute_capabilities=((8, 9),), backend=RTX,
@@ -83,8 +83,8 @@ def test_v2_build_has_one_plugin_layer_per_lowbit_node(chain_onnx_v2, tmp_path) 
 def test_v2_engine_keeps_the_bit_stream_packed(tmp_path) -> None:
     """Growing a ternary conv weight from 64x64x3x3 to 256x256x3x3 grows the engine by about the bit stream's bytes
     (1.59 bit/weight: 109,636 more bytes; v1 int8 words at 1.6 bit/weight: 110,592)."""
-    from lowbit_deploy.build.engine import build_engine
-    from lowbit_deploy.build.toy_models import conv_chain_model
+    from lowbit_deploy.engines.engine import build_engine
+    from lowbit_deploy.engines.toy_models import conv_chain_model
 
     sizes, packed_bytes = {}, {}
     for channels in (64, 256):
@@ -99,8 +99,8 @@ def test_v2_engine_keeps_the_bit_stream_packed(tmp_path) -> None:
 
 
 def test_invalid_v2_plugin_fields_fail_the_parse(tmp_path) -> None:
-    from lowbit_deploy.build.engine import build_engine
-    from lowbit_deploy.build.toy_models import conv_chain_model
+    from lowbit_deploy.engines.engine import build_engine
+    from lowbit_deploy.engines.toy_models import conv_chain_model
 
     model = conv_chain_model(_weights([((8, 8, 3, 3), 3, PackingFormat.BITSTREAM)]), (1, 8, 8, 8))
     node = next(n for n in model.graph.node if n.domain == "lowbit")
@@ -112,7 +112,7 @@ def test_invalid_v2_plugin_fields_fail_the_parse(tmp_path) -> None:
 
 
 def test_aot_build_for_sm89_has_one_plugin_layer_per_lowbit_node(chain_onnx, tmp_path) -> None:
-    from lowbit_deploy.build.engine import build_engine
+    from lowbit_deploy.engines.engine import build_engine
 
     onnx_path, lowbit_nodes = chain_onnx
     report = build_engine(onnx_path, tmp_path / "chain.engine", compute_capabilities=((8, 9),), backend=RTX,
@@ -129,14 +129,14 @@ def test_aot_build_for_sm89_has_one_plugin_layer_per_lowbit_node(chain_onnx, tmp
 
 
 def test_count_plugin_layers_from_onnx_path(chain_onnx) -> None:
-    from lowbit_deploy.build.engine import count_plugin_layers
+    from lowbit_deploy.engines.engine import count_plugin_layers
 
     onnx_path, lowbit_nodes = chain_onnx
     assert count_plugin_layers(onnx_path, plugin=PLUGIN) == lowbit_nodes
 
 
 def test_multiple_compute_capabilities(chain_onnx, tmp_path) -> None:
-    from lowbit_deploy.build.engine import build_engine
+    from lowbit_deploy.engines.engine import build_engine
 
     single = build_engine(chain_onnx[0], tmp_path / "one.engine", compute_capabilities=((8, 9),), backend=RTX,
                           plugin=PLUGIN)
@@ -149,8 +149,8 @@ def test_multiple_compute_capabilities(chain_onnx, tmp_path) -> None:
 def test_engine_keeps_weights_packed(tmp_path) -> None:
     """Growing one ternary conv weight from 64x64x3x3 to 256x256x3x3 grows the engine by about the packed bytes
     (1.6 bit/weight), not by the float32 bytes; the same net with float32 weights grows by the float32 bytes."""
-    from lowbit_deploy.build.engine import build_engine
-    from lowbit_deploy.build.toy_models import conv_chain_model, plain_conv_model
+    from lowbit_deploy.engines.engine import build_engine
+    from lowbit_deploy.engines.toy_models import conv_chain_model, plain_conv_model
 
     sizes = {}
     for channels in (64, 256):
@@ -171,7 +171,7 @@ def test_engine_keeps_weights_packed(tmp_path) -> None:
 
 
 def test_missing_onnx_is_a_user_error(tmp_path) -> None:
-    from lowbit_deploy.build.engine import build_engine
+    from lowbit_deploy.engines.engine import build_engine
 
     with pytest.raises(UserError, match="does not exist"):
         build_engine(tmp_path / "nope.onnx", tmp_path / "nope.engine", backend=RTX, plugin=PLUGIN)
@@ -179,7 +179,7 @@ def test_missing_onnx_is_a_user_error(tmp_path) -> None:
 
 
 def test_unparsable_onnx_is_a_user_error(tmp_path) -> None:
-    from lowbit_deploy.build.engine import build_engine
+    from lowbit_deploy.engines.engine import build_engine
 
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"this is not a protobuf")
@@ -189,8 +189,8 @@ def test_unparsable_onnx_is_a_user_error(tmp_path) -> None:
 
 
 def test_invalid_plugin_fields_fail_the_parse(tmp_path) -> None:
-    from lowbit_deploy.build.engine import build_engine
-    from lowbit_deploy.build.toy_models import conv_chain_model
+    from lowbit_deploy.engines.engine import build_engine
+    from lowbit_deploy.engines.toy_models import conv_chain_model
 
     model = conv_chain_model(_weights([((8, 8, 3, 3), 3, PackingFormat.INT8_WORDS)]), (1, 8, 8, 8))
     node = next(n for n in model.graph.node if n.domain == "lowbit")
@@ -202,7 +202,7 @@ def test_invalid_plugin_fields_fail_the_parse(tmp_path) -> None:
 
 
 def test_unsupported_options_are_user_errors(chain_onnx, tmp_path) -> None:
-    from lowbit_deploy.build.engine import build_engine
+    from lowbit_deploy.engines.engine import build_engine
 
     with pytest.raises(UserError, match="compute capability 9.0"):
         build_engine(chain_onnx[0], tmp_path / "e.engine", compute_capabilities=((9, 0),), backend=RTX,
@@ -215,7 +215,7 @@ def test_unsupported_options_are_user_errors(chain_onnx, tmp_path) -> None:
 def test_fresh_process_builds_with_plugins(chain_onnx, tmp_path) -> None:
     """The libtensorrt_rtx.so pitfall (shared/docs/TENSORRT.md) would kill this process with 'terminate called
     without an active exception'; import_tensorrt() must prevent it in any fresh interpreter."""
-    code = ("import sys; from lowbit_deploy.build.engine import build_engine; "
+    code = ("import sys; from lowbit_deploy.engines.engine import build_engine; "
             "r = build_engine(sys.argv[1], sys.argv[2], backend='tensorrt_rtx', plugin='python'); "
             "print('plugin_layers', r.plugin_layers)")
     # An empty cache directory: the shim is compiled from scratch in this run.
@@ -229,7 +229,7 @@ def test_fresh_process_builds_with_plugins(chain_onnx, tmp_path) -> None:
 
 @pytest.mark.skipif(not tensorrt_importable("tensorrt"), reason="full TensorRT (tensorrt) is not installed")
 def test_full_tensorrt_build(chain_onnx, tmp_path) -> None:
-    from lowbit_deploy.build.engine import build_engine
+    from lowbit_deploy.engines.engine import build_engine
     from lowbit_deploy.runtime.trt import gpu_available
 
     if not gpu_available():

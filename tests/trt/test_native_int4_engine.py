@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit_deploy.build.tensorrt_import import tensorrt_importable
+from lowbit_deploy.engines.tensorrt_import import tensorrt_importable
 
 pytestmark = [
     pytest.mark.trt,
@@ -24,8 +24,8 @@ NATIVE = {"bits": 4, "grid": "signed", "export": "native_int4"}
 
 
 def _dequantize_layers(onnx_path) -> int:
-    from lowbit_deploy.build.engine import _parse_onnx
-    from lowbit_deploy.build.tensorrt_import import tensorrt_backend
+    from lowbit_deploy.engines.engine import _parse_onnx
+    from lowbit_deploy.engines.tensorrt_import import tensorrt_backend
 
     backend = tensorrt_backend(RTX)
     _, network, _ = _parse_onnx(onnx_path, backend, PLUGIN)
@@ -90,7 +90,7 @@ def _chain(kind: str, depth: int, native: bool) -> tuple[nn.Module, torch.Tensor
 
 
 def _engine_bytes(module: nn.Module, example: torch.Tensor, folder) -> int:
-    from lowbit_deploy.build.engine import build_engine
+    from lowbit_deploy.engines.engine import build_engine
     from lowbit_deploy.export.native_int4 import TRACE_OPSET, finalize_native_int4, native_int4_layers
 
     path = folder / "chain.onnx"

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from lowbit_deploy.build.tensorrt_import import tensorrt_importable
+from lowbit_deploy.engines.tensorrt_import import tensorrt_importable
 from lowbit_deploy.cli import main
 from lowbit_deploy.export.lowbit_ops import OP_DOMAIN
 

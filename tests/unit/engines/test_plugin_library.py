@@ -14,9 +14,9 @@ import pytest
 # Where `make plugins` looks for TensorRT headers when none are given (shared/third_party beside the checkout).
 VENDORED_HEADERS = Path(__file__).resolve().parents[4] / "shared" / "third_party" / "tensorrt-oss"
 
-from lowbit_deploy.build import plugin, plugin_library
-from lowbit_deploy.build.plugin_library import check_plugin_library
-from lowbit_deploy.build.tensorrt_import import TensorRTBackend
+from lowbit_deploy.engines import plugin, plugin_library
+from lowbit_deploy.engines.plugin_library import check_plugin_library
+from lowbit_deploy.engines.tensorrt_import import TensorRTBackend
 from lowbit_deploy.errors import UserError
 
 RTX = TensorRTBackend("tensorrt_rtx", "1.7.1.116", module=None)
@@ -95,7 +95,7 @@ def test_cpp_harness_cpu_part(family) -> None:
     build = plugin_library.PLUGINS_DIR / "build"
     program, library = build / f"lowbit_plugin_test_trt{family}", build / f"liblowbit_plugins_trt{family}.so"
     if not program.exists():
-        from lowbit_deploy.build.kernels import find_nvcc
+        from lowbit_deploy.engines.kernels import find_nvcc
 
         if find_nvcc() is None or shutil.which("cmake") is None or not VENDORED_HEADERS.is_dir():
             pytest.skip("the C++ plugin test program is not built (no nvcc, cmake or TensorRT headers)")

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from lowbit_deploy.build.plugin import (
+from lowbit_deploy.engines.plugin import (
     FIELD_NAMES,
     FIELD_NAMES_V2,
     PLUGIN_VERSIONS,
@@ -17,7 +17,7 @@ from lowbit_deploy.build.plugin import (
     parse_fields,
     parse_fields_v2,
 )
-from lowbit_deploy.build.tensorrt_import import tensorrt_importable
+from lowbit_deploy.engines.tensorrt_import import tensorrt_importable
 from lowbit_deploy.errors import UserError
 
 VALID = {"levels": np.array([3], np.int32), "qmin": np.array([-1], np.int32), "word_bits": np.array([8], np.int32),
@@ -116,7 +116,7 @@ def test_missing_v2_field_is_named(name) -> None:
     (VALID_V2, 17, 4, "the packed input has 17 elements but 72 codes need 18 stream bytes"),
 ])
 def test_input_lengths_are_checked(fields, packed, scales, message) -> None:
-    from lowbit_deploy.build.plugin import check_input_lengths
+    from lowbit_deploy.engines.plugin import check_input_lengths
 
     parse = parse_fields if "word_bits" in fields else parse_fields_v2
     with pytest.raises(UserError, match=message):
@@ -140,8 +140,8 @@ def test_version_registry() -> None:
 
 def test_import_does_not_load_tensorrt() -> None:
     # A fresh interpreter: another test of this session may already have imported TensorRT.
-    code = ("import sys, lowbit_deploy.build, lowbit_deploy.build.engine, lowbit_deploy.build.plugin, "
-            "lowbit_deploy.build.kernels, lowbit_deploy.runtime.trt; "
+    code = ("import sys, lowbit_deploy.engines, lowbit_deploy.engines.engine, lowbit_deploy.engines.plugin, "
+            "lowbit_deploy.engines.kernels, lowbit_deploy.runtime.trt; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorrt', 'tensorrt_rtx', 'polygraphy', "
             "'torch')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -151,8 +151,8 @@ def test_import_does_not_load_tensorrt() -> None:
 @pytest.mark.skipif(not tensorrt_importable("tensorrt_rtx") and not tensorrt_importable("tensorrt"),
                     reason="neither tensorrt nor tensorrt_rtx is installed")
 def test_creator_validates_fields_and_serializes_by_name() -> None:
-    from lowbit_deploy.build.plugin import register_plugins
-    from lowbit_deploy.build.tensorrt_import import import_tensorrt
+    from lowbit_deploy.engines.plugin import register_plugins
+    from lowbit_deploy.engines.tensorrt_import import import_tensorrt
 
     trt = import_tensorrt()
     creators = register_plugins(trt)
@@ -180,8 +180,8 @@ def test_creator_validates_fields_and_serializes_by_name() -> None:
 @pytest.mark.skipif(not tensorrt_importable("tensorrt_rtx") and not tensorrt_importable("tensorrt"),
                     reason="neither tensorrt nor tensorrt_rtx is installed")
 def test_v2_creator_validates_fields_and_serializes_by_name() -> None:
-    from lowbit_deploy.build.plugin import register_plugins
-    from lowbit_deploy.build.tensorrt_import import import_tensorrt
+    from lowbit_deploy.engines.plugin import register_plugins
+    from lowbit_deploy.engines.tensorrt_import import import_tensorrt
 
     trt = import_tensorrt()
     creator = register_plugins(trt)["2"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lowbit_deploy.build import plugin
+from lowbit_deploy.engines import plugin
 from lowbit_deploy.quant import packing
 from lowbit_deploy.quant.packing import PackingFormat
 

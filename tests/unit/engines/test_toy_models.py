@@ -21,7 +21,7 @@ def test_toy_chain_runs_in_onnxruntime(chain) -> None:
     torch = pytest.importorskip("torch")
     import onnx
 
-    from lowbit_deploy.build.toy_models import conv_chain_model, random_weight
+    from lowbit_deploy.engines.toy_models import conv_chain_model, random_weight
 
     rng = np.random.default_rng(0)
     (levels0, fmt0), (levels1, fmt1) = CHAINS[chain]
@@ -42,7 +42,7 @@ def test_toy_chain_runs_in_onnxruntime(chain) -> None:
 
 
 def test_toy_chain_refuses_mixed_op_versions() -> None:
-    from lowbit_deploy.build.toy_models import conv_chain_model, random_weight
+    from lowbit_deploy.engines.toy_models import conv_chain_model, random_weight
 
     rng = np.random.default_rng(0)
     weights = [random_weight("w0", (8, 8, 3, 3), 3, PackingFormat.INT8_WORDS, rng),

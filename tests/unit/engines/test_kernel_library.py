@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lowbit_deploy.build import kernels
+from lowbit_deploy.engines import kernels
 from lowbit_deploy.errors import UserError
 
 

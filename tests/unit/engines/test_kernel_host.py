@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lowbit_deploy.build.kernels import KernelError, unpack_dequantize_host
+from lowbit_deploy.engines.kernels import KernelError, unpack_dequantize_host
 from lowbit_deploy.quant import packing
 from lowbit_deploy.quant.packing import WORD_FORMATS, PackingFormat
 

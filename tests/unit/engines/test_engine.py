@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lowbit_deploy.build.engine import build_failure_message, capability_flag, captured_errors
+from lowbit_deploy.engines.engine import build_failure_message, capability_flag, captured_errors
 
 
 def test_captured_errors_collects_error_lines_only_and_restores_the_logger():

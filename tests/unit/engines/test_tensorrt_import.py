@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from lowbit_deploy.build import tensorrt_import
+from lowbit_deploy.engines import tensorrt_import
 from lowbit_deploy.errors import UserError
 
 
