@@ -54,17 +54,17 @@ def test_position_puts_a_boundary_in_the_next_stage(two_stage_recipe_dict):
 
 
 @pytest.mark.parametrize("stage, error", [
-    ({"kind": "calibrate", "steps": 1}, r"train\.stages\.0\.kind: Input should be 'distill' or 'noise'"),
-    ({"kind": "distill", "steps": 0}, r"train\.stages\.0\.steps: Input should be greater than or equal to 1"),
-    ({"kind": "distill"}, r"train\.stages\.0\.steps: Field required"),
-    ({"kind": "distill", "steps": 1, "feature_weight": -0.1}, r"stages\.0\.feature_weight: .*greater than or equal"),
-    ({"kind": "distill", "steps": 1, "feature_weight": float("nan")}, r"stages\.0\.feature_weight: .*finite"),
-    ({"kind": "distill", "steps": 1, "feature_weight": float("inf")}, r"stages\.0\.feature_weight: .*finite"),
-    ({"kind": "distill", "steps": 1, "feature_weight": "lots"}, r"stages\.0\.feature_weight: .*valid number"),
+    ({"kind": "calibrate", "steps": 1}, r"train\.stages \(item 1\)\.kind: Input should be 'distill' or 'noise'"),
+    ({"kind": "distill", "steps": 0}, r"train\.stages \(item 1\)\.steps: Input should be greater than or equal to 1"),
+    ({"kind": "distill"}, r"train\.stages \(item 1\)\.steps: Field required"),
+    ({"kind": "distill", "steps": 1, "feature_weight": -0.1}, r"stages \(item 1\)\.feature_weight: .*greater than or equal"),
+    ({"kind": "distill", "steps": 1, "feature_weight": float("nan")}, r"stages \(item 1\)\.feature_weight: .*finite"),
+    ({"kind": "distill", "steps": 1, "feature_weight": float("inf")}, r"stages \(item 1\)\.feature_weight: .*finite"),
+    ({"kind": "distill", "steps": 1, "feature_weight": "lots"}, r"stages \(item 1\)\.feature_weight: .*valid number"),
     ({"kind": "noise", "steps": 1, "feature_weight": 0.01}, r"feature_weight applies to `distill` stages only"),
-    ({"kind": "noise", "steps": 1, "lr": 0}, r"stages\.0\.lr: Input should be greater than 0"),
-    ({"kind": "noise", "steps": 1, "loss": "huber"}, r"stages\.0\.loss: Input should be 'mse' or 'l1'"),
-    ({"kind": "noise", "steps": 1, "weight": 1}, r"stages\.0\.weight: unknown key"),
+    ({"kind": "noise", "steps": 1, "lr": 0}, r"stages \(item 1\)\.lr: Input should be greater than 0"),
+    ({"kind": "noise", "steps": 1, "loss": "huber"}, r"stages \(item 1\)\.loss: Input should be 'mse' or 'l1'"),
+    ({"kind": "noise", "steps": 1, "weight": 1}, r"stages \(item 1\)\.weight: unknown key"),
 ])
 def test_invalid_stages_are_clear_errors(tiny_recipe_dict, stage, error):
     del tiny_recipe_dict["train"]["steps"]
