@@ -179,8 +179,9 @@ def _print_validation(report: dict) -> None:
     if floor and gates:
         click.echo(f"[gates] float32 noise floor {floor['sqnr_db']:.1f} dB -> onnxruntime SQNR >= "
                    f"{gates['onnxruntime']['min_sqnr_db']} dB, max_abs <= {gates['onnxruntime']['max_abs']}; "
-                   f"per-layer >= {gates['per_layer_min_sqnr_db']} dB; sampling PSNR >= "
-                   f"{report['sampling'].get('min_psnr_db', '-')} dB")
+                   f"per-layer >= {gates['per_layer_min_sqnr_db']} dB"
+                   + (f"; sampling PSNR >= {report['sampling']['min_psnr_db']} dB"
+                      if "min_psnr_db" in report["sampling"] else ""))
     per_layer = report.get("per_layer") or {}
     if "verdict" in per_layer:
         click.echo(f"[per-layer] {per_layer['status']}: {per_layer['verdict']}")
