@@ -204,10 +204,9 @@ class Tolerances(_Strict):
     min_sqnr_db: float
 
 
-# Calibrated in docs/gates.md on the default model. These fixed values apply where ``follow_floor`` is off (or a
-# flag sets them); by default the ONNX Runtime, per-layer and sampling gates follow the model's own float32 noise floor.
+# Fixed gates, calibrated in docs/gates.md, used where follow_floor does not set them. TensorRT (fp16/TF32 kernels)
+# is provisional: no engine could run where it was set.
 ONNXRUNTIME_GATES = Tolerances(max_abs=2e-5, min_cosine=1 - 1e-10, min_sqnr_db=120.0)
-# TensorRT (fp16/TF32 kernels) is provisional: no engine could run where this was set.
 TENSORRT_GATES = Tolerances(max_abs=5e-2, min_cosine=0.9999, min_sqnr_db=40.0)
 PER_LAYER_MIN_SQNR_DB = 110.0
 
