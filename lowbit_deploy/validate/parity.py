@@ -264,18 +264,21 @@ def validate_run(run_dir: str | Path, *, gates: Gates | None = None, sampling: S
 
 def _validate_locked(run_dir: Path, gates: Gates | None, sampling: SamplingSection | None, skip_sampling: bool,
                      per_layer: bool, per_layer_chunk: int | None) -> ValidationReport:
+    from ..run_dir import check_onnx_matches_checkpoint
+    from ..runtime.ort import OrtRunner
     from .report import write_markdown
 
     started = time.perf_counter()
+    onnx_path = run_dir / "model.onnx"
+    check_onnx_matches_checkpoint(run_dir)  # bad input fails before any model is loaded
     context = prepare_validation(run_dir)
     recipe, signature = context.checkpoint.recipe, context.signature
     config = recipe.validate_
-    gates, sampling = context.effective_gates(gates or config.gates, sampling or config.sampling)
-    num_steps = recipe.sampling_steps(sampling.num_steps)
+    num_steps = recipe.sampling_steps((sampling or config.sampling).num_steps)
     if signature.time_input is TimeInput.STEP_INDEX and num_steps != signature.num_steps:
         raise UserError(f"sampling with {num_steps} steps, but the time features are cached for "
                         f"{signature.schedule}; pass --sampling-steps {signature.num_steps} (or leave it out)")
-    onnx_path = run_dir / "model.onnx"
+    gates, sampling = context.effective_gates(gates or config.gates, sampling or config.sampling)
     parity = list(check_onnx(onnx_path, context, gates))
     build_entry = _read_report(run_dir).get("build", {})
     engine, reason = engine_runner(run_dir / "model.engine", build_entry.get("compute_capabilities"), signature)
@@ -285,8 +288,6 @@ def _validate_locked(run_dir: Path, gates: Gates | None, sampling: SamplingSecti
                                                                                                  "--per-layer"}
     deployed = module_runner(context.deployed, signature)
     rounding = deployment_rounding(trained_runner(context.checkpoint.unet, signature), deployed, context.inputs)
-    from ..runtime.ort import OrtRunner
-
     sampling_result = ({"status": "not run: --skip-sampling"} if skip_sampling
                        else sampling_parity(context.bundle, signature, deployed, OrtRunner(onnx_path), sampling,
                                             num_steps, run_dir / "samples.png"))
