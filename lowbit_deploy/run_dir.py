@@ -51,7 +51,36 @@ def run_lock(run_dir: str | os.PathLike, *, wait_seconds: float = 0.0) -> Iterat
     Another process holding it is a :class:`UserError` naming that process, at once or after ``wait_seconds``
     (short critical sections such as a report update wait; stages refuse at once)."""
     run_dir = Path(run_dir)
+    created = _missing_folders(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with _locked(run_dir, wait_seconds) as locked:
+            yield locked
+    except BaseException:
+        _remove_if_empty(created)  # a stage refused for a bad input leaves no new empty folder behind
+        raise
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """The folders ``path.mkdir(parents=True)`` would create, deepest first."""
+    missing = []
+    path = path.absolute()
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()  # fails (and stops) at the first folder that is not empty
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path, wait_seconds: float) -> Iterator[Path]:
     info = os.stat(run_dir)
     key = (info.st_dev, info.st_ino)
     if key in _HELD:

@@ -84,3 +84,24 @@ def test_a_read_only_folder_is_refused(tmp_path):
 def test_a_location_that_refuses_new_files_is_refused_even_for_root():
     with pytest.raises(UserError, match="is not writable"):
         check_output_dir("/sys/lowbit-deploy-run")
+
+
+def test_a_failed_stage_removes_the_empty_folders_its_lock_created_and_keeps_written_ones(tmp_path):
+    new = tmp_path / "a" / "b" / "run"
+    with pytest.raises(UserError):
+        with run_lock(new):
+            raise UserError("bad input found after the lock")
+    assert not (tmp_path / "a").exists()
+
+    with pytest.raises(KeyboardInterrupt):
+        with run_lock(new):
+            (new / "checkpoint").mkdir()
+            raise KeyboardInterrupt
+    assert (new / "checkpoint").is_dir()  # something was written: nothing is removed
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(UserError):
+        with run_lock(existing):
+            raise UserError("bad input")
+    assert existing.is_dir()  # a folder the user made stays

@@ -178,6 +178,10 @@ CASES = [
          lambda t, s: ["run", _recipe(t, _edited(lambda d: d["quantize"]["layers"][4].update(bits=3))), "--out",
                        str(s.run), "--no-build", "--resume"],
          (r"differ", r"resume with the recipe it was started with")),
+    Case("run-model-missing-into-a-new-folder",
+         lambda t, s: ["run", str(s.recipe), "--out", str(t / "new" / "run"), "--no-build", "--model",
+                       str(t / "no-model")],
+         (r"model folder .*no-model does not exist", r"pass a local diffusers checkpoint folder")),
     # ---- --model ---------------------------------------------------------------------------------------------
     Case("model-missing", lambda t, s: _train(t, s)[:4] + ["--model", str(t / "no-model")],
          (r"model folder .*no-model does not exist", r"pass a local diffusers checkpoint folder")),
@@ -280,7 +284,8 @@ def test_bad_input_is_a_clean_error_that_changes_nothing(case: Case, shared: Sha
     output = result.output
     assert result.exit_code == 2, output
     assert "Traceback" not in output and not isinstance(result.exception, (AssertionError, TypeError)), output
-    assert "error" in output.lower(), output
+    assert len(re.findall(r"^error: ", output, re.M)) == 1, output  # one error line: the problem and the fix
+    assert re.search(r"^FAILED \| Runtime: [\d.]+s \| Command: ", output, re.M), output  # the closing line
     for pattern in case.expect:
         assert re.search(pattern, output), (pattern, output)
     assert _snapshot(tmp_path, shared.root) == before, "the command changed files"
@@ -295,13 +300,14 @@ def _sys_is_writable() -> bool:
     return True
 
 
-@pytest.mark.parametrize("command", ["export", "build", "train"])
+@pytest.mark.parametrize("command", ["export", "build", "train", "validate", "run"])
 def test_a_run_directory_in_use_by_another_process_is_refused_with_its_pid(command, shared, tmp_path):
     from lowbit_deploy.run_dir import run_lock
 
     run = Path(_run_copy(tmp_path, shared, lambda r: None))
     args = {"export": ["export", str(run)], "build": ["build", str(run), "--plugin", "python"],
-            "train": _train(tmp_path, shared, None, run, "--resume")}[command]
+            "train": _train(tmp_path, shared, None, run, "--resume"), "validate": ["validate", str(run)],
+            "run": ["run", str(shared.recipe), "--out", str(run), "--resume", "--no-build"]}[command]
     ready_read, ready_write = os.pipe()
     release_read, release_write = os.pipe()
     pid = os.fork()
