@@ -116,10 +116,15 @@ def capability_flag(member_name: str) -> str:
 
 @contextlib.contextmanager
 def captured_errors() -> Iterator[list[str]]:
-    """Collect the ERROR lines Polygraphy and TensorRT log while the body runs (they still print).
+    """Collect the ERROR lines Polygraphy and TensorRT log while the body runs; they still print, but on stderr.
 
     TensorRT states the real cause (e.g. a profile dimension that does not fit the network) only in its log; the
-    exception Polygraphy raises afterwards just says "Invalid Engine"."""
+    exception Polygraphy raises afterwards just says "Invalid Engine". Polygraphy prints every severity below
+    CRITICAL on stdout, which belongs to the command's own result (the closing line, ``--json``): the body runs
+    with stdout sent to stderr."""
+    import contextlib
+    import sys
+
     from polygraphy.logger import G_LOGGER
 
     errors: list[str] = []
@@ -132,7 +137,8 @@ def captured_errors() -> Iterator[list[str]]:
 
     G_LOGGER.log = log
     try:
-        yield errors
+        with contextlib.redirect_stdout(sys.stderr):
+            yield errors
     finally:
         del G_LOGGER.log  # the class's method again
 

@@ -236,3 +236,17 @@ def test_full_tensorrt_build(chain_onnx, tmp_path) -> None:
         pytest.skip("full TensorRT builds for the GPU present: no CUDA GPU")
     report = build_engine(chain_onnx[0], tmp_path / "full.engine", backend="tensorrt", plugin=PLUGIN)
     assert report.backend == "tensorrt" and report.plugin_layers == chain_onnx[1] and report.engine_bytes > 0
+
+
+def test_a_real_build_failure_quotes_tensorrts_cause_and_keeps_stdout_clean(chain_onnx, tmp_path, capfd) -> None:
+    """A profile that does not fit the network: TensorRT says why only in its log, Polygraphy raises "Invalid
+    Engine". The error quotes the cause; TensorRT's and Polygraphy's lines go to stderr, not the command's stdout."""
+    from lowbit_deploy.engines.engine import build_engine
+
+    onnx_path, _ = chain_onnx
+    wrong = ((1, 8, 4, 4), (1, 8, 4, 4), (1, 8, 4, 4))  # the network's input x is [1, 8, 8, 8]
+    with pytest.raises(UserError, match=r"TensorRT: .*static dimensions that don't match kMIN dimensions"):
+        build_engine(onnx_path, tmp_path / "x.engine", input_shapes={"x": wrong}, backend=RTX, plugin=PLUGIN)
+    out, err = capfd.readouterr()
+    assert out == "" and "Error Code 4" in err
+    assert not (tmp_path / "x.engine").exists()
