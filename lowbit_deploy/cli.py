@@ -120,7 +120,8 @@ def build(run_dir: Path, compute_capabilities: tuple[str, ...], fp16_reference: 
               help="Also compare every quantized layer's and block's output between PyTorch and ONNX Runtime and "
                    "name the first one below --per-layer-min-sqnr-db (report.md table, per_layer_sqnr.png).")
 @click.option("--per-layer-min-sqnr-db", type=float, default=None,
-              help="Per-layer SQNR gate in dB (default: the recipe's validate.gates.per_layer_min_sqnr_db).")
+              help="Per-layer SQNR gate in dB (default: the model's float32 noise floor - 20 dB, or the recipe's "
+                   "validate.gates.per_layer_min_sqnr_db where written; docs/gates.md).")
 @click.option("--per-layer-chunk", type=click.IntRange(min=1), default=None,
               help="Layer outputs compared per ONNX Runtime session (bounds memory on large models; default 64).")
 @stage

@@ -3,7 +3,8 @@ that every output location is usable before a long stage starts.
 
 The lock is an ``fcntl.flock`` on the run directory itself, not on a lock file: taking it writes nothing, so a
 command refused for a bad input leaves the directory exactly as it was, and the kernel drops the lock when its
-holder dies (a killed run never leaves a stale lock behind). The holder's pid is read back from ``/proc/locks``.
+holder dies (a killed run never leaves a stale lock behind). Taking it removes the temporary files a killed writer
+left (nothing else can be writing them). The holder's pid is read back from ``/proc/locks``.
 Locks are re-entrant within one process: ``run`` holds the lock while its stages take it again.
 """
 
@@ -105,10 +106,20 @@ def _locked(run_dir: Path, wait_seconds: float) -> Iterator[Path]:
             time.sleep(0.1)
     _HELD[key] = [fd, 1]
     try:
+        _sweep_temporaries(run_dir)
         yield run_dir
     finally:
         del _HELD[key]
         os.close(fd)  # closing the only descriptor releases the flock
+
+
+def _sweep_temporaries(run_dir: Path) -> None:
+    """Temporary files left by a process killed mid-write (in the run and its sub-folders, e.g. checkpoint/): with
+    the lock held no other process is writing, so every one is stale."""
+    from .io import remove_stale_temporaries
+
+    for folder in (run_dir, *(child for child in run_dir.iterdir() if child.is_dir())):
+        remove_stale_temporaries(folder)
 
 
 def _nearest_existing(path: Path) -> Path:

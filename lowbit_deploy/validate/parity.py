@@ -155,6 +155,8 @@ def sampling_parity(bundle, signature: DeployedSignature, quantized: Runner, ort
         "status": "passed" if psnr_ort >= config.min_psnr_db else "failed",
         "grid_png": str(png_path),
     }
+    if result["status"] == "failed":
+        result["passes_with"] = f"--min-psnr-db {psnr_ort!r}"
     if bundle.classifier is not None and labels is not None:
         target = torch.tensor(labels)
         for key, batch in images.items():

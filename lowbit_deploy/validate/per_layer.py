@@ -63,8 +63,11 @@ class PerLayerReport:
     def verdict(self) -> str:
         first = self.first_failing
         if first is not None:
+            # Full precision, as the output gates print it: a rounded value could still fail.
+            lowest = min(layer.stats.sqnr_db for layer in self.layers)
             return (f"first layer below {self.min_sqnr_db} dB: {first.tap.module} ({first.tap.kind}, "
-                    f"SQNR {first.stats.sqnr_db:.1f} dB); the layers after it inherit its error")
+                    f"SQNR {first.stats.sqnr_db:.1f} dB); the layers after it inherit its error (passes with "
+                    f"--per-layer-min-sqnr-db {lowest!r})")
         if self.unmapped:
             return f"{len(self.unmapped)} module(s) have no output tensor in the ONNX graph: {self.unmapped[:3]}"
         return f"all {len(self.layers)} layer and block outputs at or above {self.min_sqnr_db} dB"

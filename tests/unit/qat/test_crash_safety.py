@@ -9,11 +9,10 @@ where a wrong order would lose the run.
 
 from __future__ import annotations
 
-import os
-import pathlib
 from pathlib import Path
 
 import pytest
+from crash_hooks import CRASHED, EventHooks, crash_in_child
 
 from lowbit_deploy.qat.checkpoint import (
     CHECKPOINT_DIRNAME,
@@ -25,54 +24,8 @@ from lowbit_deploy.qat.checkpoint import (
 from lowbit_deploy.qat.trainer import train
 from lowbit_deploy.recipes import parse_recipe
 
-CRASHED = 77  # the child's exit status when it stopped itself at the chosen event
 # Recovering a run stopped in its first save starts it over, and says so.
 pytestmark = pytest.mark.filterwarnings("ignore:.*incomplete first checkpoint:UserWarning")
-
-
-class EventHooks:
-    """Wraps the file-system calls the writers use; ``crash_at`` = N stops the process before the N-th one."""
-
-    def __init__(self, monkeypatch, crash_at: int | None = None) -> None:
-        self.events: list[tuple[str, str]] = []
-        self.crash_at = crash_at
-        real_replace, real_fsync = os.replace, os.fsync
-        real_write_bytes, real_write_text, real_unlink = (pathlib.Path.write_bytes, pathlib.Path.write_text,
-                                                          pathlib.Path.unlink)
-
-        def event(kind: str, name: str, partial=None) -> None:
-            self.events.append((kind, name))
-            if self.crash_at is not None and len(self.events) == self.crash_at:
-                if partial is not None:
-                    partial()
-                os._exit(CRASHED)
-
-        def write_bytes(path, data):
-            event("write", path.name, lambda: real_write_bytes(path, data[: len(data) // 2]))
-            return real_write_bytes(path, data)
-
-        def write_text(path, text, *args, **kwargs):
-            event("write", path.name, lambda: real_write_text(path, text[: len(text) // 2], *args, **kwargs))
-            return real_write_text(path, text, *args, **kwargs)
-
-        def replace(source, target, *args, **kwargs):
-            event("rename", Path(target).name)
-            return real_replace(source, target, *args, **kwargs)
-
-        def fsync(fd):
-            event("fsync", os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1])
-            return real_fsync(fd)
-
-        def unlink(path, missing_ok=False):
-            if path.exists():  # a no-op unlink (a temporary already renamed) changes nothing on disk
-                event("unlink", path.name)
-            return real_unlink(path, missing_ok=missing_ok)
-
-        monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
-        monkeypatch.setattr(pathlib.Path, "write_text", write_text)
-        monkeypatch.setattr(pathlib.Path, "unlink", unlink)
-        monkeypatch.setattr(os, "replace", replace)
-        monkeypatch.setattr(os, "fsync", fsync)
 
 
 @pytest.fixture
@@ -92,18 +45,7 @@ def _checkpoint_bytes(run_dir: Path) -> dict[str, bytes]:
 
 def _crash(recipe, model_dir, run_dir: Path, crash_at: int) -> int:
     """Train in a forked child stopped before event ``crash_at``; returns the child's exit status."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child never returns to pytest
-        status = 1
-        try:
-            with pytest.MonkeyPatch.context() as monkeypatch:
-                EventHooks(monkeypatch, crash_at)
-                _train(recipe, model_dir, run_dir)
-            status = 0
-        finally:
-            os._exit(status)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return crash_in_child(lambda: _train(recipe, model_dir, run_dir), crash_at)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 mutated layer is named first -- also when compared in small chunks."""
 
 import copy
+import re
 
 import onnx
 import pytest
@@ -63,3 +64,7 @@ def test_a_mutated_layer_is_named_first(tiny_run, context, tmp_path, kind, posit
     assert not report.passed
     assert report.first_failing.tap.module == layer, report.verdict()
     assert layer in report.verdict()
+    # The verdict names the gate that would pass, and that gate does pass.
+    passing = float(re.search(r"passes with --per-layer-min-sqnr-db (\S+)\)", report.verdict()).group(1))
+    report.min_sqnr_db = passing
+    assert report.passed, report.verdict()

@@ -84,3 +84,13 @@ def test_gates_written_in_a_recipe_are_fixed():
     assert (follow.output_margin_db, follow.max_abs_factor, follow.sampling_margin_db) == (None, None, None)
     assert follow.per_layer_margin_db == 20.0
     assert ValidateSection.model_validate(section.model_dump()) == section  # stable through checkpoint JSON
+
+
+def test_a_failing_sampling_gate_names_the_value_that_passes(run_copy):
+    args = ["validate", str(run_copy), "--samples", "2"]
+    failed = CliRunner().invoke(main, [*args, "--min-psnr-db", "1000"])
+    assert failed.exit_code == 1, failed.output
+    passes_with = json.loads((run_copy / "report.json").read_text())["validate"]["sampling"]["passes_with"]
+    assert passes_with in failed.output and passes_with.startswith("--min-psnr-db ")
+    passed = CliRunner().invoke(main, [*args, *passes_with.split()])
+    assert passed.exit_code == 0, passed.output
