@@ -183,9 +183,13 @@ def _print_validation(report: dict) -> None:
                    f"per-layer >= {gates['per_layer_min_sqnr_db']} dB"
                    + (f"; sampling PSNR >= {report['sampling']['min_psnr_db']} dB"
                       if "min_psnr_db" in report["sampling"] else ""))
-    per_layer = report.get("per_layer") or {}
-    if "verdict" in per_layer:
-        click.echo(f"[per-layer] {per_layer['status']}: {per_layer['verdict']}")
+    for key, label in (("per_layer", "per-layer"), ("per_layer_tensorrt", "per-layer tensorrt")):
+        per_layer = report.get(key) or {}
+        if "verdict" in per_layer:
+            click.echo(f"[{label}] {per_layer['status']}: {per_layer['verdict']}")
+        elif key == "per_layer_tensorrt" and per_layer.get("status", "").startswith("not run: ") \
+                and "--per-layer" not in per_layer["status"]:
+            click.echo(f"[{label}] {per_layer['status']}")
     sampling = report["sampling"]
     click.echo("[sampling] " + ", ".join(f"{k}={v}" for k, v in sampling.items()))
 

@@ -9,7 +9,8 @@ from the deployed signature (a step index for cached time features).
    "not run: <reason>", never "passed").
 2. Exact weight parity of the ONNX file (validate/weights.py): stored bytes and ONNX Runtime's decode equal the
    deployed model's. Output gates cannot see a one-ulp scale change under float32 op-ordering noise; this can.
-3. Optionally (``--per-layer``), per-layer bisection (validate/per_layer.py) naming the first layer that disagrees.
+3. Optionally (``--per-layer``), per-layer bisection (validate/per_layer.py) naming the first layer that disagrees,
+   against ONNX Runtime and, where a GPU runs the engine, against TensorRT.
 4. The deployment rounding: trained (fake-quantized, float time layers) vs deployed model on the same inputs --
    informative, it is the fp16 storage of tables and float parameters, not an artifact error.
 5. End-to-end sampling with fixed seeds: PSNR of ONNX Runtime samples vs PyTorch samples (gated), and FP vs
@@ -59,11 +60,13 @@ class ValidationReport:
     per_layer: dict = field(default_factory=dict)
     gates: dict = field(default_factory=dict)          # the gates applied (floor-following values resolved)
     noise_floor: dict | None = None                    # validate/floor.py, where the gates follow it
+    per_layer_tensorrt: dict = field(default_factory=dict)  # the same bisection against the engine (GPU only)
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "seconds": round(self.seconds, 2),
                 "parity": [p.to_dict() for p in self.parity], "sampling": self.sampling,
-                "per_layer": self.per_layer, "gates": self.gates, "noise_floor": self.noise_floor}
+                "per_layer": self.per_layer, "per_layer_tensorrt": self.per_layer_tensorrt, "gates": self.gates,
+                "noise_floor": self.noise_floor}
 
 
 def parity_feeds(signature: DeployedSignature, condition, batches: int, batch_size: int, seed: int) -> list[Feeds]:
@@ -268,6 +271,8 @@ def _validate_locked(run_dir: Path, gates: Gates | None, sampling: SamplingSecti
                      per_layer: bool, per_layer_chunk: int | None) -> ValidationReport:
     from ..run_dir import check_onnx_matches_checkpoint
     from ..runtime.ort import OrtRunner
+    from ..runtime.trt import device_compute_capability
+    from .per_layer import ChunkOptions
     from .report import write_markdown
 
     started = time.perf_counter()
@@ -286,29 +291,40 @@ def _validate_locked(run_dir: Path, gates: Gates | None, sampling: SamplingSecti
     engine, reason = engine_runner(run_dir / "model.engine", build_entry.get("compute_capabilities"), signature)
     parity.append(output_parity("tensorrt", context.reference_runner(), engine, context.inputs, gates.tensorrt)
                   if engine else ArtifactParity("tensorrt", reason))
-    layers = _per_layer(context, onnx_path, gates, per_layer_chunk) if per_layer else {"status": "not run: pass "
-                                                                                                 "--per-layer"}
+    not_asked = {"status": "not run: pass --per-layer"}
+    layers = _per_layer(context, onnx_path, gates.per_layer_min_sqnr_db, per_layer_chunk) if per_layer else not_asked
+    layers_trt = (_per_layer(context, onnx_path, gates.tensorrt.min_sqnr_db, per_layer_chunk, "tensorrt",
+                             ChunkOptions(plugin=build_entry.get("plugin", "cpp"),
+                                          compute_capability=device_compute_capability()))
+                  if per_layer and engine else {"status": reason} if per_layer else not_asked)
     deployed = module_runner(context.deployed, signature)
     rounding = deployment_rounding(trained_runner(context.checkpoint.unet, signature), deployed, context.inputs)
     sampling_result = ({"status": "not run: --skip-sampling"} if skip_sampling
                        else sampling_parity(context.bundle, signature, deployed, OrtRunner(onnx_path), sampling,
                                             num_steps, run_dir / "samples.png"))
     passed = all(p.status == "passed" or p.status.startswith("not run") for p in parity) and \
-        sampling_result["status"] != "failed" and layers["status"] != "failed"
+        sampling_result["status"] != "failed" and layers["status"] != "failed" and layers_trt["status"] != "failed"
     report = ValidationReport(parity, sampling_result, passed, time.perf_counter() - started, layers,
-                              gates.model_dump(), context._floor.to_dict() if context._floor else None)
+                              gates.model_dump(), context._floor.to_dict() if context._floor else None, layers_trt)
     full = update_report(run_dir, "validate", {**report.to_dict(), "deployment_rounding": rounding})
     write_markdown(run_dir / "report.md", full)
     return report
 
 
-def _per_layer(context: ValidationInputs, onnx_path: Path, gates: Gates, chunk: int | None) -> dict:
+# per_layer_sqnr.png for ONNX Runtime (the name README and report.md link), per_layer_sqnr_<backend>.png otherwise
+PER_LAYER_PLOTS = {"onnxruntime": "per_layer_sqnr.png", "tensorrt": "per_layer_sqnr_tensorrt.png"}
+
+
+def _per_layer(context: ValidationInputs, onnx_path: Path, min_sqnr_db: float, chunk: int | None,
+               backend: str = "onnxruntime", options=None) -> dict:
+    """Per-layer bisection against ``backend`` on the first parity batch (TensorRT: gated at its provisional output
+    SQNR gate, since its fp16/TF32 kernels are not float32-exact)."""
     from .per_layer import DEFAULT_CHUNK, per_layer_parity, write_sqnr_plot
 
-    result = per_layer_parity(onnx_path, context.deployed, context.inputs[:1], gates.per_layer_min_sqnr_db,
-                              chunk or DEFAULT_CHUNK)
-    write_sqnr_plot(context.run_dir / "per_layer_sqnr.png", result)
-    return result.to_dict()
+    result = per_layer_parity(onnx_path, context.deployed, context.inputs[:1], min_sqnr_db, chunk or DEFAULT_CHUNK,
+                              backend=backend, options=options)
+    write_sqnr_plot(context.run_dir / PER_LAYER_PLOTS[backend], result)
+    return {**result.to_dict(), "plot": PER_LAYER_PLOTS[backend]}
 
 
 __all__ = ["ArtifactParity", "ValidationInputs", "ValidationReport", "check_onnx", "prepare_validation",

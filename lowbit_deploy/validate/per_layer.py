@@ -1,13 +1,14 @@
-"""Per-layer bisection: where do PyTorch and ONNX Runtime start to disagree?
+"""Per-layer bisection: where do PyTorch and a runtime (ONNX Runtime, TensorRT) start to disagree?
 
 Final outputs say *that* an artifact is wrong; this says *where*. Every quantized layer's output (the module each
 export handler names as its ``tap``) and every UNet block's output is compared between the deployed torch model and
-ONNX Runtime, in graph order, and the first one whose SQNR falls below the gate is named -- downstream layers inherit
+the runtime, in graph order, and the first one whose SQNR falls below the gate is named -- downstream layers inherit
 its error, so the first is the culprit.
 
 Marking every intermediate as an output of a large model holds them all at once (and, in TensorRT, breaks fusions),
-so taps are compared in chunks: each chunk is a fresh session of the model with only that chunk's tensors added as
-outputs, and torch hooks only that chunk's modules.
+so taps are compared in chunks: each chunk is a fresh session -- an ONNX Runtime session, or a TensorRT engine built
+from the same ONNX file -- with only that chunk's tensors added as outputs, and torch hooks only that chunk's modules.
+Chunk sessions come from :data:`CHUNK_BACKENDS`.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
 from .stats import OutputStats, compare, merge
 
 DEFAULT_CHUNK = 64
+BACKEND_TITLES = {"onnxruntime": "ONNX Runtime", "tensorrt": "TensorRT"}
 BLOCK_PATTERN = re.compile(r"down_blocks\.\d+|mid_block|up_blocks\.\d+")
 Feeds = dict[str, torch.Tensor]
 
@@ -51,6 +54,7 @@ class PerLayerReport:
     min_sqnr_db: float
     chunks: int
     unmapped: list[str] = field(default_factory=list)
+    backend: str = "onnxruntime"
 
     @property
     def first_failing(self) -> LayerParity | None:
@@ -74,7 +78,8 @@ class PerLayerReport:
 
     def to_dict(self) -> dict:
         first = self.first_failing
-        return {"status": "passed" if self.passed else "failed", "min_sqnr_db": self.min_sqnr_db,
+        return {"status": "passed" if self.passed else "failed", "backend": self.backend,
+                "min_sqnr_db": self.min_sqnr_db,
                 "chunks": self.chunks, "first_failing": first.tap.module if first else None,
                 "verdict": self.verdict(), "unmapped": self.unmapped,
                 "layers": [layer.to_dict() for layer in self.layers]}
@@ -157,39 +162,114 @@ def _torch_outputs(deployed, modules: Sequence[str], feeds: Feeds, signature) ->
     return captured
 
 
-def per_layer_parity(onnx_path: str | Path, deployed, inputs: list[Feeds], min_sqnr_db: float,
-                     chunk: int = DEFAULT_CHUNK, threads: int | None = None) -> PerLayerReport:
-    """Compare every quantized layer's and block's output between ``deployed`` (a DeployedUNet) and ONNX Runtime
-    on ``inputs``, ``chunk`` taps per session."""
-    import onnx
+@dataclass(frozen=True)
+class ChunkOptions:
+    """How chunk sessions are made: ONNX Runtime's thread count; for TensorRT the folder the chunk engines are
+    built in (default: the system's temporary folder), the plugin that builds them ("cpp" | "python") and the
+    compute capability (``MAJOR.MINOR``) they are built for."""
+
+    threads: int | None = None
+    work_dir: Path | None = None
+    plugin: str = "cpp"
+    compute_capability: str | None = None
+
+
+# (model bytes with the chunk's outputs, their tensor names, signature, batch size, options) -> run(feeds) -> values
+ChunkSession = Callable[[Feeds], list[np.ndarray]]
+
+
+def _onnxruntime_chunk(model_bytes: bytes, tensors: Sequence[str], signature, batch: int,
+                       options: ChunkOptions) -> ChunkSession:
     import onnxruntime as ort
+
+    session_options = ort.SessionOptions()
+    if options.threads:
+        session_options.intra_op_num_threads = options.threads
+    session = ort.InferenceSession(model_bytes, session_options, providers=["CPUExecutionProvider"])
+
+    def run(feeds: Feeds) -> list[np.ndarray]:
+        arrays = {name: feeds[name].contiguous().numpy() for name in signature.input_names}
+        return session.run(list(tensors), arrays)
+
+    return run
+
+
+def build_chunk_engine(model_bytes: bytes, signature, batch: int, options: ChunkOptions) -> Path:
+    """The engine of a chunk's ONNX (its taps marked as outputs) for ``batch``, in a new folder under
+    ``options.work_dir``; builds ahead of time anywhere TensorRT-RTX is installed."""
+    import tempfile
+
+    from ..engines.engine import build_engine
+    from ..pipeline import parse_compute_capability
+
+    folder = Path(tempfile.mkdtemp(prefix="lowbit-per-layer-", dir=options.work_dir))
+    onnx_path, engine_path = folder / "chunk.onnx", folder / "chunk.engine"
+    onnx_path.write_bytes(model_bytes)
+    capability = parse_compute_capability(options.compute_capability) if options.compute_capability else (8, 9)
+    build_engine(onnx_path, engine_path, compute_capabilities=[capability],
+                 input_shapes=signature.shape_ranges((batch, batch, batch)), plugin=options.plugin)
+    onnx_path.unlink()
+    return engine_path
+
+
+def _tensorrt_chunk(model_bytes: bytes, tensors: Sequence[str], signature, batch: int,
+                    options: ChunkOptions) -> ChunkSession:
+    """Runs the chunk's engine on the current GPU (a :class:`GpuUnavailableError` without one); the engine's
+    files are removed once it is deserialized."""
+    import shutil
+
+    from ..runtime.trt import TrtRunner
+
+    engine_path = build_chunk_engine(model_bytes, signature, batch, options)
+    try:
+        runner = TrtRunner(engine_path)
+    finally:
+        shutil.rmtree(engine_path.parent, ignore_errors=True)
+
+    def run(feeds: Feeds) -> list[np.ndarray]:
+        outputs = runner.infer({name: feeds[name] for name in signature.input_names})
+        return [outputs[name].float().cpu().numpy() for name in tensors]
+
+    return run
+
+
+CHUNK_BACKENDS: dict[str, Callable[..., ChunkSession]] = {
+    "onnxruntime": _onnxruntime_chunk,
+    "tensorrt": _tensorrt_chunk,
+}
+
+
+def per_layer_parity(onnx_path: str | Path, deployed, inputs: list[Feeds], min_sqnr_db: float,
+                     chunk: int = DEFAULT_CHUNK, threads: int | None = None, backend: str = "onnxruntime",
+                     options: ChunkOptions | None = None) -> PerLayerReport:
+    """Compare every quantized layer's and block's output between ``deployed`` (a DeployedUNet) and ``backend``
+    (a key of :data:`CHUNK_BACKENDS`) on ``inputs`` (one batch size), ``chunk`` taps per session."""
+    import onnx
 
     from ..quant.plan import LayerRole
 
+    options = options or ChunkOptions(threads=threads)
     model = onnx.load(str(onnx_path))
     signature = deployed.signature
     quantized = [decision.name for decision in deployed.plan.by_role(LayerRole.QUANTIZED)]
     taps, unmapped = find_taps(model, deployed, quantized)
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    batch = int(inputs[0][signature.input_names[0]].shape[0])
     results: list[LayerParity] = []
     chunks = 0
     for start in range(0, len(taps), chunk):
         group = taps[start:start + chunk]
         chunks += 1
-        session = ort.InferenceSession(_with_outputs(model, [tap.tensor for tap in group]), options,
-                                       providers=["CPUExecutionProvider"])
+        tensors = [tap.tensor for tap in group]
+        session = CHUNK_BACKENDS[backend](_with_outputs(model, tensors), tensors, signature, batch, options)
         per_tap: dict[str, list[OutputStats]] = {tap.module: [] for tap in group}
         for feeds in inputs:
-            arrays = {name: feeds[name].contiguous().numpy() for name in signature.input_names}
-            ort_values = session.run([tap.tensor for tap in group], arrays)
+            values = session(feeds)
             reference = _torch_outputs(deployed, [tap.module for tap in group], feeds, signature)
-            for tap, value in zip(group, ort_values):
+            for tap, value in zip(group, values):
                 per_tap[tap.module].append(compare(reference[tap.module].numpy(), value))
         results.extend(LayerParity(tap, merge(per_tap[tap.module])) for tap in group)
-        del session
-    return PerLayerReport(results, min_sqnr_db, chunks, unmapped)
+        del session  # one chunk's session (and its marked outputs) at a time
+    return PerLayerReport(results, min_sqnr_db, chunks, unmapped, backend)
 
 
 def write_sqnr_plot(path: Path, report: PerLayerReport) -> None:
@@ -199,8 +279,9 @@ def write_sqnr_plot(path: Path, report: PerLayerReport) -> None:
     points = [(layer.tap.module, layer.stats.sqnr_db, layer.tap.kind) for layer in report.layers]
     first = report.first_failing
     write_series_plot(path, points, gate=report.min_sqnr_db, marked=first.tap.module if first else None,
-                      title="per-layer SQNR, PyTorch vs ONNX Runtime (graph order)", y_label="SQNR dB")
+                      title=f"per-layer SQNR, PyTorch vs {BACKEND_TITLES[report.backend]} (graph order)",
+                      y_label="SQNR dB")
 
 
-__all__ = ["LayerParity", "PerLayerReport", "Tap", "find_taps", "onnx_scope", "per_layer_parity",
-           "write_sqnr_plot"]
+__all__ = ["CHUNK_BACKENDS", "ChunkOptions", "build_chunk_engine", "LayerParity", "PerLayerReport", "Tap", "find_taps", "onnx_scope",
+           "per_layer_parity", "write_sqnr_plot"]

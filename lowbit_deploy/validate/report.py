@@ -92,7 +92,8 @@ def render_markdown(report: dict) -> str:
                 lines.append(f"| {item['artifact']} | {item['status']} | " + " | ".join(
                     _fmt(stats.get(key, "-")) for key in ("max_abs", "max_rel", "cosine", "sqnr_db")) + " |")
                 lines += [f"  - {failure}" for failure in item["failures"]]
-            lines += _per_layer_lines(entry.get("per_layer"))
+            lines += _per_layer_lines(entry.get("per_layer"), "ONNX Runtime")
+            lines += _per_layer_lines(entry.get("per_layer_tensorrt"), "TensorRT")
             rounding = entry.get("deployment_rounding")
             if rounding:
                 lines += ["", f"Deployment rounding (trained vs deployed torch, informative): max abs "
@@ -108,13 +109,14 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _per_layer_lines(per_layer: dict | None) -> list[str]:
+def _per_layer_lines(per_layer: dict | None, backend: str) -> list[str]:
     if not per_layer:
         return []
     if "layers" not in per_layer:
-        return ["", f"Per-layer bisection: {per_layer.get('status')}"]
-    lines = ["", f"Per-layer bisection (PyTorch vs ONNX Runtime, graph order, gate {per_layer['min_sqnr_db']} dB): "
-                 f"**{per_layer['verdict']}**", "", "![per-layer SQNR](per_layer_sqnr.png)", "",
+        return ["", f"Per-layer bisection ({backend}): {per_layer.get('status')}"]
+    plot = per_layer.get("plot", "per_layer_sqnr.png")
+    lines = ["", f"Per-layer bisection (PyTorch vs {backend}, graph order, gate {per_layer['min_sqnr_db']} dB): "
+                 f"**{per_layer['verdict']}**", "", f"![per-layer SQNR, {backend}]({plot})", "",
              "| # | module | kind | SQNR dB | max abs |", "| --- | --- | --- | --- | --- |"]
     first = per_layer.get("first_failing")
     for index, layer in enumerate(per_layer["layers"]):

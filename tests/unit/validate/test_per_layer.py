@@ -68,3 +68,68 @@ def test_a_mutated_layer_is_named_first(tiny_run, context, tmp_path, kind, posit
     passing = float(re.search(r"passes with --per-layer-min-sqnr-db (\S+)\)", report.verdict()).group(1))
     report.min_sqnr_db = passing
     assert report.passed, report.verdict()
+
+
+def test_chunks_are_sessions_of_a_registered_backend():
+    from lowbit_deploy.validate.per_layer import CHUNK_BACKENDS
+
+    assert set(CHUNK_BACKENDS) == {"onnxruntime", "tensorrt"}
+
+
+@pytest.mark.trt
+def test_a_tensorrt_chunk_engine_builds_with_its_taps_marked_as_outputs(tiny_run, context, tmp_path):
+    """The TensorRT side of the bisection up to what a CPU can do: the chunk's ONNX, with its taps added as outputs,
+    builds into an engine ahead of time (running it needs a GPU: the next test)."""
+    from lowbit_deploy.engines.tensorrt_import import tensorrt_importable
+    from lowbit_deploy.validate.per_layer import ChunkOptions, _with_outputs, build_chunk_engine
+
+    if not tensorrt_importable("tensorrt_rtx"):
+        pytest.skip("tensorrt_rtx is not installed (pip install 'lowbit-deploy[tensorrt-rtx]')")
+    model = onnx.load(str(tiny_run / "model.onnx"))
+    taps, _ = find_taps(model, context.deployed, quantized_layer_names(model))
+    chunk = [tap.tensor for tap in taps[:5]]
+    engine = build_chunk_engine(_with_outputs(model, chunk), context.signature, 2,
+                                ChunkOptions(work_dir=tmp_path, plugin="python", compute_capability="8.9"))
+    assert engine.is_file() and engine.stat().st_size > 0
+    assert not (engine.parent / "chunk.onnx").exists()
+    # TensorRT names a marked output after its ONNX tensor, which the runner reads the chunk's values by.
+    import tensorrt_rtx as trt
+
+    network_outputs = _parsed_outputs(trt, _with_outputs(model, chunk))
+    assert set(chunk) <= network_outputs
+
+
+def _parsed_outputs(trt, model_bytes: bytes) -> set[str]:
+    from lowbit_deploy.engines.plugin import register_plugins
+
+    register_plugins(trt)
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse(model_bytes)
+    return {network.get_output(index).name for index in range(network.num_outputs)}
+
+
+@pytest.mark.gpu
+def test_tensorrt_bisection_passes_a_clean_engine_and_names_a_mutated_layer(tiny_run, context, tmp_path):
+    from lowbit_deploy.recipes import TENSORRT_GATES
+    from lowbit_deploy.runtime.trt import device_compute_capability, unavailable_reason
+    from lowbit_deploy.validate.per_layer import ChunkOptions
+
+    reason = unavailable_reason(["current"])
+    if reason:
+        pytest.skip(f"TensorRT per-layer bisection runs engines: {reason}")
+    options = ChunkOptions(work_dir=tmp_path, plugin="python", compute_capability=device_compute_capability())
+    clean = per_layer_parity(tiny_run / "model.onnx", context.deployed, context.inputs[:1],
+                             TENSORRT_GATES.min_sqnr_db, chunk=16, backend="tensorrt", options=options)
+    assert clean.passed and clean.backend == "tensorrt", clean.verdict()
+    # fp16/TF32 kernels sit far below float32 exactness, so the broken layer is broken grossly: its scales zeroed.
+    model = onnx.load(str(tiny_run / "model.onnx"))
+    layer = quantized_layer_names(model)[3]
+    scale = next(init for init in model.graph.initializer if init.name == f"unet.{layer}.scale")
+    scale.CopyFrom(onnx.numpy_helper.from_array(0 * onnx.numpy_helper.to_array(scale), scale.name))
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    broken = per_layer_parity(tmp_path / "model.onnx", context.deployed, context.inputs[:1],
+                              TENSORRT_GATES.min_sqnr_db, chunk=16, backend="tensorrt", options=options)
+    assert broken.first_failing is not None and broken.first_failing.tap.module == layer, broken.verdict()
