@@ -261,9 +261,10 @@ def analyze(recipe: Path, out_dir: Path, model_path: str | None, workers: int | 
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @stage
 def inspect(run_dir: Path) -> bool:
-    """What RUN_DIR holds, without loading weights: the plan (layers per bit width and role, average bits), packing
-    formats and stored bits per weight of model.onnx, the deployed signature, every file's size, and what
-    validation found per backend. Missing pieces are listed as missing."""
+    """What RUN_DIR holds, without loading weights: the plan (every layer's bits and grid or role, totals per bit
+    width, average bits), packing formats and stored bits per weight of model.onnx, the deployed signature, every
+    file's size, and what validation found per backend (gates, noise floor, per-layer verdicts). Missing pieces
+    are listed as missing."""
     from .inspect_run import describe_run, inspect_run
 
     info = inspect_run(run_dir)

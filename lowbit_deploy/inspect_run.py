@@ -121,7 +121,10 @@ def _plan(full_plan: dict | None, onnx_summary: dict | None, num_steps: int) -> 
             "by_bits": dict(sorted(by_bits.items(), key=lambda item: int(item[0]))),
             "by_grid_bits": summary["layers"], "average_bits": plan.average_bits(num_steps),
             "quantized_weights": summary["quantized_weights"], "total_params": plan.total_params,
-            "cached_values": summary["cached_values"]}
+            "cached_values": summary["cached_values"],
+            "per_layer": [{"name": layer.name, "role": layer.role.value, "bits": layer.bits,
+                           "grid": layer.grid.value if layer.grid else None, "export": layer.export.value,
+                           "weights": layer.weight_numel} for layer in plan.layers]}
 
 
 def _onnx(path: Path) -> tuple[dict, dict | None, dict | None]:
@@ -221,7 +224,12 @@ def _report(path: Path) -> dict:
             "backends": [{key: item.get(key) for key in ("artifact", "status", "stats", "failures")}
                          for item in validate.get("parity", [])],
             "sampling": validate.get("sampling"),
-            **{key: validate[key] for key in ("tolerances", "gates") if key in validate}}
+            "per_layer": {backend: {key: entry.get(key) for key in ("status", "verdict", "first_failing",
+                                                                      "min_sqnr_db")}
+                          for backend, entry in (("onnxruntime", validate.get("per_layer")),
+                                                 ("tensorrt", validate.get("per_layer_tensorrt")))
+                          if isinstance(entry, dict)},
+            **{key: validate[key] for key in ("tolerances", "gates", "noise_floor") if key in validate}}
     return sections
 
 
@@ -249,6 +257,13 @@ def describe_run(info: dict) -> list[str]:
             stats = backend.get("stats") or {}
             figures = " ".join(f"{key}={stats[key]}" for key in ("max_abs", "cosine", "sqnr_db") if key in stats)
             lines.append(f"  {backend['artifact']}: {backend['status']}" + (f"  {figures}" if figures else ""))
+        floor, gates = validation.get("noise_floor"), validation.get("gates") or {}
+        if floor:
+            lines.append(f"  float32 noise floor {floor['sqnr_db']:.1f} dB -> gates: onnxruntime SQNR >= "
+                         f"{gates['onnxruntime']['min_sqnr_db']} dB, per-layer >= {gates['per_layer_min_sqnr_db']} dB")
+        for backend, entry in (validation.get("per_layer") or {}).items():
+            lines.append(f"  per-layer {backend}: {entry['status']}"
+                         + (f" ({entry['verdict']})" if entry.get("verdict") else ""))
         sampling = validation.get("sampling") or {}
         if sampling:
             lines.append("  sampling: " + ", ".join(f"{key}={value}" for key, value in sampling.items()
@@ -277,6 +292,12 @@ def _describe_plan(plan: dict) -> list[str]:
         lines.append("  bits: " + ", ".join(f"{bits}-bit {entry['layers']} layers ({entry['weights']:,} weights)"
                                             for bits, entry in plan["by_bits"].items()))
     lines.append("  grids: " + ", ".join(f"{key} {count}" for key, count in plan["by_grid_bits"].items()))
+    if plan.get("per_layer"):
+        lines.append("  per layer (bits, grid / role, weights):")
+        lines += [f"    {layer['name']}: " + (f"{layer['bits']}-bit {layer['grid']}"
+                                              + (f" ({layer['export']})" if layer["export"] != "packed" else "")
+                                              if layer["role"] == "quantized" else layer["role"])
+                  + f", {layer['weights']:,}" for layer in plan["per_layer"]]
     return lines
 
 

@@ -89,7 +89,13 @@ def test_checkpoint_header_gives_plan_and_signature_without_torch(tmp_path):
     # BitsFusion's count with the signature's 4 cached steps of the 8-row time_emb_proj table.
     assert plan["average_bits"] == pytest.approx((np.log2(3) * 1728 + 8 * 72 + 16 * 4 * 8) / 2500)
     assert plan["cached_values"] == 4 * 8
+    assert [(layer["name"], layer["role"], layer["bits"], layer["grid"]) for layer in plan["per_layer"]] == [
+        ("conv_in", "quantized", 8, "signed"), ("down.0.conv", "quantized", 1, "balanced"),
+        ("down.1.conv", "quantized", 1, "balanced"), ("time_embedding.linear_1", "cached", None, None),
+        ("down.0.time_emb_proj", "cached", None, None), ("mid.proj", "float", None, None)]
     info = inspect_run(tmp_path)
+    lines = describe_run(info)
+    assert "    conv_in: 8-bit signed, 72" in lines and "    mid.proj: float, 256" in lines
     assert info["checkpoint"]["step"] == 7 and info["checkpoint"]["recipe"] == "r"
     assert info["signature"]["from"] == CHECKPOINT_PATH.as_posix()
     assert info["signature"]["step_timesteps"] == [750, 500, 250, 0]
@@ -134,7 +140,12 @@ def test_validation_entry_lists_backends_with_their_figures(tmp_path):
                            "parity": [{"artifact": "onnxruntime", "status": "passed", "failures": [], "stats": stats},
                                       {"artifact": "tensorrt", "status": "failed", "failures": ["max_abs 2 > 0.001"],
                                        "stats": stats}],
-                           "sampling": {"status": "skipped"}},
+                           "sampling": {"status": "skipped"},
+                           "noise_floor": {"sqnr_db": 131.25}, "gates": {"onnxruntime": {"min_sqnr_db": 121.3},
+                                                                          "per_layer_min_sqnr_db": 111.3},
+                           "per_layer": {"status": "failed", "verdict": "first layer below 111.3 dB: conv_in",
+                                         "first_failing": "conv_in", "min_sqnr_db": 111.3, "layers": []},
+                           "per_layer_tensorrt": {"status": "not run: no GPU"}},
               "build": {"backend": "tensorrt", "plugin": "cpp", "plugin_layers": 3, "engine_bytes": 10}}
     (tmp_path / "report.json").write_text(json.dumps(report))
     info = inspect_run(tmp_path)
@@ -146,6 +157,9 @@ def test_validation_entry_lists_backends_with_their_figures(tmp_path):
                              "engine_bytes": 10}
     lines = describe_run(info)
     assert "validation: FAILED" in lines and "  tensorrt: failed  max_abs=1e-06 cosine=1.0 sqnr_db=inf" in lines
+    assert "  float32 noise floor 131.2 dB -> gates: onnxruntime SQNR >= 121.3 dB, per-layer >= 111.3 dB" in lines
+    assert "  per-layer onnxruntime: failed (first layer below 111.3 dB: conv_in)" in lines
+    assert "  per-layer tensorrt: not run: no GPU" in lines
     json.dumps(info, allow_nan=False)  # the --json result must be strict JSON
 
 
