@@ -41,9 +41,40 @@ def chain(tmp_path_factory):
     make_tiny_unet().save_pretrained(root / "model" / "unet")
     recipe = root / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(TINY_RECIPE))
-    result = invoke("run", recipe, "--out", root / "run", "--model", root / "model", "--no-build")
+    result = invoke("--json", "run", recipe, "--out", root / "run", "--model", root / "model", "--no-build")
     assert result.exit_code == 0, result.output
     return root, result
+
+
+def test_json_of_a_passing_run_holds_every_stage(chain):
+    _, result = chain
+    document = parsed(result)
+    assert document["command"] == "run" and document["status"] == "passed" and document["error"] is None
+    summary = document["result"]
+    assert {"train", "export", "build", "validate"} <= summary.keys() and summary["validate"]["passed"] is True
+    assert summary["export"]["onnx_bytes"] > 0
+    assert_closes(result, "PASSED", stream="stderr")
+
+
+@pytest.mark.trt
+def test_json_of_train_export_and_build(chain, tmp_path):
+    import shutil
+
+    from lowbit_deploy.engines.tensorrt_import import tensorrt_importable
+
+    root, _ = chain
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    recipe = root / "recipe.yaml"
+    trained = parsed(invoke("--json", "train", recipe, "--out", tmp_path / "fresh", "--model", root / "model",
+                            "--steps", "1"))
+    assert trained["status"] == "passed" and trained["result"]["steps"] == 1, trained
+    exported = parsed(invoke("--json", "export", run))
+    assert exported["status"] == "passed" and exported["result"]["onnx_bytes"] > 0, exported
+    if not tensorrt_importable("tensorrt_rtx"):
+        pytest.skip("tensorrt_rtx is not installed: build's JSON is not checked")
+    built = parsed(invoke("--json", "build", run, "--plugin", "python"))
+    assert built["status"] == "passed" and built["result"]["plugin_layers"] > 0, built
 
 
 def test_json_of_a_passing_command(chain):
