@@ -112,3 +112,14 @@ def print_budget(plan, split: dict[str, int], fp16_bytes: int, packed_bytes: int
     over = packed_bytes - budget
     print(f"{'over' if over > 0 else 'under'} the {TARGET_RATIO}x budget by {abs(over):,.0f} bytes "
           f"({8 * abs(over) / total:.4f} bits/param)")
+    # The smallest file this plan allows: exactly the counted bits (no group rounding, no padding), plus what
+    # cannot be left out -- one fp16 scale per output channel, the fp16 float params, and the UNet's own graph,
+    # which the packed file holds as the fp16 file does (the fp16 file's bytes beyond 2 bytes per parameter).
+    fp16_graph = fp16_bytes - 2 * total
+    floor_bytes = (counted_weights / 8 + split.get("cached time tables", 0) + split.get("fp16 scales", 0)
+                   + split.get("float params", 0) + fp16_graph)
+    print(f"smallest file this plan allows: {floor_bytes:,.0f} bytes = {8 * floor_bytes / total:.4f} bits/param "
+          f"(counted bits exactly, fp16 scales and float params, the fp16 file's {fp16_graph:,} graph bytes): at most "
+          f"{fp16_bytes / floor_bytes:.3f}x vs fp16 -- "
+          + ("so the target is reachable" if fp16_bytes / floor_bytes >= TARGET_RATIO else
+             f"the {TARGET_RATIO}x target is out of reach at this counted average"))

@@ -95,6 +95,11 @@ class TimestepSampling(str, Enum):
     BETA = "beta"
 
 
+class LrSchedule(str, Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"  # lr * (1 + cos(pi * k / steps)) / 2 at step k of the stage: decays to ~0 by its end
+
+
 class DataSource(str, Enum):
     AUTO = "auto"
     DIGITS = "digits"
@@ -129,6 +134,7 @@ class TrainStage(_Strict):
     kind: StageKind
     steps: Annotated[int, Field(ge=1)]
     lr: Optional[_Rate] = None
+    lr_schedule: Optional[LrSchedule] = None
     loss: Optional[LossKind] = None
     feature_weight: Optional[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
         None, description="distill only: weight of the block-output distillation term; 0 switches it off")
@@ -152,6 +158,7 @@ class TrainSection(_Strict):
                           f"stage gives its own")
     batch_size: Annotated[int, Field(ge=1)] = 32
     lr: _Rate = 1e-4
+    lr_schedule: LrSchedule = LrSchedule.CONSTANT
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     seed: int = 0
     loss: Optional[LossKind] = Field(

@@ -11,6 +11,7 @@ covers the global steps ``[start, start + steps)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ..errors import UserError
@@ -20,6 +21,7 @@ from ..recipes import (
     SINGLE_STAGE_STEPS,
     STAGE_LOSS,
     DataSource,
+    LrSchedule,
     StageKind,
     TimestepSampling,
     TrainSection,
@@ -35,6 +37,7 @@ class StageSpec:
     start: int          # global step at which the stage begins
     steps: int
     lr: float
+    lr_schedule: LrSchedule
     loss: str           # "mse" | "l1"
     feature_weight: float
     timestep_sampling: TimestepSampling
@@ -50,6 +53,13 @@ class StageSpec:
     @property
     def label(self) -> str:
         return f"{self.index + 1}-{self.kind.value}"
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of global ``step`` (inside this stage): a function of the step alone, so a resumed
+        run needs no scheduler state."""
+        if self.lr_schedule is LrSchedule.COSINE:
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * (step - self.start) / self.steps))
+        return self.lr
 
 
 @dataclass(frozen=True)
@@ -78,16 +88,16 @@ def resolve_stages(section: TrainSection, steps_override: int | None = None) -> 
     if section.stages is None:
         steps = steps_override if steps_override is not None else (
             section.steps if section.steps is not None else SINGLE_STAGE_STEPS)
-        only = StageSpec(0, StageKind.DISTILL, 0, steps, section.lr, section.loss or SINGLE_STAGE_LOSS, 0.0,
-                         **shared)
+        only = StageSpec(0, StageKind.DISTILL, 0, steps, section.lr, section.lr_schedule,
+                         section.loss or SINGLE_STAGE_LOSS, 0.0, **shared)
         return StagePlan((only,), steps)
     stages, start = [], 0
     for index, stage in enumerate(section.stages):
         chosen = {key: value for key, value in stage.model_dump(exclude={"kind", "steps"}).items()
                   if value is not None}
         weight = FEATURE_WEIGHT if stage.kind is StageKind.DISTILL else 0.0
-        defaults = StageSpec(index, stage.kind, start, stage.steps, section.lr, STAGE_LOSS[stage.kind], weight,
-                             **shared)
+        defaults = StageSpec(index, stage.kind, start, stage.steps, section.lr, section.lr_schedule,
+                             STAGE_LOSS[stage.kind], weight, **shared)
         stages.append(replace(defaults, **chosen))
         start += stage.steps
     end = start if steps_override is None else min(steps_override, start)

@@ -58,5 +58,7 @@ def train_step(run: "TrainingRun", batch: Batch) -> StepLosses:
     terms = run.objective(inputs)
     run.optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.stage.lr_at(run.step)
     run.optimizer.step()
     return terms.values()

@@ -10,12 +10,12 @@ from lowbit_deploy.qat.data import Batch
 from lowbit_deploy.qat.objectives import DistillObjective, NoiseObjective, make_objective
 from lowbit_deploy.qat.stages import StageSpec
 from lowbit_deploy.qat.step import noised_batch
-from lowbit_deploy.recipes import DataSource, StageKind, TimestepSampling
+from lowbit_deploy.recipes import DataSource, LrSchedule, StageKind, TimestepSampling
 
 
 def _stage(kind=StageKind.DISTILL, loss="l1", feature_weight=0.0, drop=0.0):
-    return StageSpec(0, kind, 0, 1, 1e-4, loss, feature_weight, TimestepSampling.BETA, 3.0, 1.0, drop,
-                     DataSource.AUTO)
+    return StageSpec(0, kind, 0, 1, 1e-4, LrSchedule.CONSTANT, loss, feature_weight, TimestepSampling.BETA, 3.0, 1.0,
+                     drop, DataSource.AUTO)
 
 
 def _inputs(unet, batch=2, seed=0, scheduler=None):

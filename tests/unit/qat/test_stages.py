@@ -95,3 +95,19 @@ def test_a_noise_stage_refuses_data_free_samples(two_stage_recipe_dict):
     with pytest.raises(UserError, match="stage 2-noise needs real data"):
         check_stage_data(plan, lambda source: DataSource.GAUSSIAN)
     check_stage_data(plan, lambda source: DataSource.DIGITS)
+
+
+def test_a_cosine_schedule_decays_each_stage_from_its_lr_towards_zero(two_stage_recipe_dict):
+    two_stage_recipe_dict["train"]["lr_schedule"] = "cosine"
+    two_stage_recipe_dict["train"]["stages"][0]["steps"] = 20
+    two_stage_recipe_dict["train"]["stages"][1]["lr_schedule"] = "constant"
+    first, second = resolve_stages(parse_recipe(two_stage_recipe_dict).train).stages
+    assert first.lr_at(first.start) == first.lr
+    assert first.lr_at(first.start + first.steps / 2) == pytest.approx(first.lr / 2)
+    assert 0 < first.lr_at(first.end - 1) < first.lr_at(first.end - 2) < first.lr * 0.1
+    assert [second.lr_at(step) for step in range(second.start, second.end)] == [second.lr] * second.steps
+
+
+def test_an_unknown_lr_schedule_is_a_clear_error(tiny_recipe_dict):
+    with pytest.raises(UserError, match=r"lr_schedule"):
+        _train_section(tiny_recipe_dict, lr_schedule="linear")

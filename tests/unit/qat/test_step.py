@@ -10,11 +10,12 @@ from lowbit_deploy.qat.loop import TrainingRun
 from lowbit_deploy.qat.objectives import DistillObjective
 from lowbit_deploy.qat.stages import StagePlan, StageSpec
 from lowbit_deploy.qat.step import drop_conditions, sample_timesteps, train_step
-from lowbit_deploy.recipes import DataSource, StageKind, TimestepSampling
+from lowbit_deploy.recipes import DataSource, LrSchedule, StageKind, TimestepSampling
 
 
 def _stage(sampling=TimestepSampling.BETA, drop=0.5, alpha=3.0, beta=1.0):
-    return StageSpec(0, StageKind.DISTILL, 0, 1, 1e-2, "mse", 0.0, sampling, alpha, beta, drop, DataSource.AUTO)
+    return StageSpec(0, StageKind.DISTILL, 0, 1, 1e-2, LrSchedule.CONSTANT, "mse", 0.0, sampling, alpha, beta, drop,
+                     DataSource.AUTO)
 
 
 @pytest.mark.parametrize("sampling, expected_mean", [(TimestepSampling.BETA, 750), (TimestepSampling.UNIFORM, 500)])
