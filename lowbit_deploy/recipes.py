@@ -93,6 +93,9 @@ class ScheduleSection(_Strict):
 class TimestepSampling(str, Enum):
     UNIFORM = "uniform"
     BETA = "beta"
+    # uniform over the deployed schedule's timesteps (`schedule`): the only ones a model is run at after deployment
+    # (with cached time features, the only ones it can run at)
+    SCHEDULE = "schedule"
 
 
 class LrSchedule(str, Enum):

@@ -12,12 +12,14 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..quant.apply import apply_plan
 from ..quant.plan import LayerDecision, LayerRole, QuantPlan, layer_inventory
+from ..validate.sampling import schedule_timesteps
 from ..recipes import Recipe
 
 # Which semantic term a model gets (written into sensitivity.json and report.md).
@@ -62,7 +64,8 @@ def single_layer_plan(inventory, total_params: int, layer: str, grid, bits: int)
     return QuantPlan(decisions, total_params, f"analyze candidate {layer} @ {bits} bits")
 
 
-def tune_layer(student, teacher, layer: str, bundle, train, steps: int, seed: int) -> float:
+def tune_layer(student, teacher, layer: str, bundle, train, steps: int, seed: int,
+               schedule: Sequence[int] = ()) -> float:
     """BitsFusion's brief per-candidate QAT: ``steps`` AdamW steps on this layer's weight and scale only, matching
     the float teacher's noise prediction (train.lr / batch_size / data / timestep sampling / condition dropping).
     Returns the last loss."""
@@ -86,7 +89,7 @@ def tune_layer(student, teacher, layer: str, bundle, train, steps: int, seed: in
         drop = torch.rand(train.batch_size, generator=generator) < train.condition_drop_prob
         conditions = torch.where(drop[:, None, None], bundle.condition.null(train.batch_size),
                                  batch.encoder_hidden_states)
-        timesteps = sample_timesteps(train, train.batch_size, num_train_timesteps, generator)
+        timesteps = sample_timesteps(train, train.batch_size, num_train_timesteps, generator, schedule)
         noisy = noise_scheduler.add_noise(batch.x0, torch.randn(batch.x0.shape, generator=generator), timesteps)
         with torch.no_grad():
             target = teacher(noisy, timesteps, conditions).sample
@@ -163,8 +166,9 @@ class CandidateEvaluator:
         tune_loss = None
         if self.section.tune_steps:
             with torch.enable_grad():
+                schedule = schedule_timesteps(self.bundle.scheduler_config, self.recipe.schedule.num_steps)
                 tune_loss = tune_layer(student, self.bundle.unet, layer, self.bundle, self.recipe.train,
-                                       self.section.tune_steps, self.section.seed)
+                                       self.section.tune_steps, self.section.seed, schedule)
         student.eval()
         images = self._sample(student)
         confidence, accuracy = self._judge(images)

@@ -39,6 +39,7 @@ class TrainingRun:
     stage: StageSpec | None = None
     optimizer: torch.optim.Optimizer | None = None
     objective: StageObjective | None = None
+    schedule_timesteps: tuple[int, ...] = ()  # the deployed schedule's timesteps (timestep_sampling: schedule)
 
     def start_stage(self, stage: StageSpec) -> None:
         # A resumed run arrives with the stage in progress and its optimizer already restored.

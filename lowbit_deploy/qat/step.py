@@ -7,7 +7,7 @@ draws samples and conditions), the condition-drop mask, the timesteps, the noise
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -20,10 +20,16 @@ if TYPE_CHECKING:
     from .loop import TrainingRun
 
 
-def sample_timesteps(config, batch: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
-    """Integer timesteps in ``[0, T)``: uniform, or BitsFusion's ``Beta(alpha, beta)`` (``Beta(3, 1)`` favours large
-    t, where quantization error grows). ``config`` is a stage (or anything with ``timestep_sampling``,
-    ``beta_alpha``, ``beta_beta``)."""
+def sample_timesteps(config, batch: int, num_train_timesteps: int, generator: torch.Generator,
+                     schedule: Sequence[int] = ()) -> torch.Tensor:
+    """Integer timesteps in ``[0, T)``: uniform, BitsFusion's ``Beta(alpha, beta)`` (``Beta(3, 1)`` favours large
+    t, where quantization error grows), or uniform over ``schedule`` (the deployed schedule's timesteps).
+    ``config`` is a stage (or anything with ``timestep_sampling``, ``beta_alpha``, ``beta_beta``)."""
+    if config.timestep_sampling is TimestepSampling.SCHEDULE:
+        if not schedule:
+            raise ValueError("timestep_sampling 'schedule' needs the deployed schedule's timesteps")
+        chosen = torch.randint(0, len(schedule), (batch,), generator=generator)
+        return torch.tensor(list(schedule), dtype=torch.long)[chosen]
     if config.timestep_sampling is TimestepSampling.BETA:
         # torch's Beta sampler takes no generator; derive a numpy one from ours so runs and resumes stay seeded.
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
@@ -42,11 +48,12 @@ def drop_conditions(conditions: torch.Tensor, null_conditions: torch.Tensor, pro
     return torch.where(dropped[:, None, None], null_conditions, conditions), dropped
 
 
-def noised_batch(batch: Batch, stage, condition_source, noise_scheduler, generator: torch.Generator) -> NoisedBatch:
+def noised_batch(batch: Batch, stage, condition_source, noise_scheduler, generator: torch.Generator,
+                 schedule: Sequence[int] = ()) -> NoisedBatch:
     size = batch.x0.shape[0]
     conditions, dropped = drop_conditions(batch.encoder_hidden_states, condition_source.null(size),
                                           stage.condition_drop_prob, generator)
-    timesteps = sample_timesteps(stage, size, noise_scheduler.config.num_train_timesteps, generator)
+    timesteps = sample_timesteps(stage, size, noise_scheduler.config.num_train_timesteps, generator, schedule)
     noise = torch.randn(batch.x0.shape, generator=generator)
     noisy = noise_scheduler.add_noise(batch.x0, noise, timesteps)
     return NoisedBatch(batch.x0, noise, noisy, timesteps, conditions, dropped)
@@ -54,7 +61,8 @@ def noised_batch(batch: Batch, stage, condition_source, noise_scheduler, generat
 
 def train_step(run: "TrainingRun", batch: Batch) -> StepLosses:
     """One optimisation step of ``run``'s current stage on ``batch``; returns the loss terms."""
-    inputs = noised_batch(batch, run.stage, run.bundle.condition, run.noise_scheduler, run.generator)
+    inputs = noised_batch(batch, run.stage, run.bundle.condition, run.noise_scheduler, run.generator,
+                          run.schedule_timesteps)
     terms = run.objective(inputs)
     run.optimizer.zero_grad(set_to_none=True)
     terms.total.backward()

@@ -38,6 +38,7 @@ from .data import resolve_source
 from .loop import TrainingRun, run_stages
 from .optimizer import make_optimizer
 from .stages import StagePlan, check_stage_data, resolve_stages
+from ..validate.sampling import schedule_timesteps
 
 
 @dataclass
@@ -157,7 +158,9 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
                                                                                       resume)
     check_stage_data(stage_plan, lambda source: resolve_source(source, bundle))
     run = TrainingRun(student, teacher, bundle, DDPMScheduler.from_config(bundle.scheduler_config),
-                      torch.Generator().manual_seed(config.seed), stage_plan, config.batch_size, config.weight_decay)
+                      torch.Generator().manual_seed(config.seed), stage_plan, config.batch_size, config.weight_decay,
+                      schedule_timesteps=tuple(schedule_timesteps(bundle.scheduler_config,
+                                                                  recipe.schedule.num_steps)))
     with run_lock(run_dir):
         if checkpoint_status(run_dir) != ("complete" if resume else "none"):
             _check_run_dir(run_dir, resume)  # another process got here first: say what is there now

@@ -28,6 +28,17 @@ def test_timestep_sampling_is_seeded_in_range_with_the_right_mean(sampling, expe
     assert draws[0].float().mean().item() == pytest.approx(expected_mean - 0.5, abs=8)
 
 
+def test_schedule_sampling_draws_only_and_every_deployed_timestep():
+    schedule = (951, 901, 501, 1)
+    draws = sample_timesteps(_stage(TimestepSampling.SCHEDULE), 4000, 1000, torch.Generator().manual_seed(0),
+                             schedule)
+    counts = torch.bincount(draws, minlength=1000)[list(schedule)]
+    assert set(draws.tolist()) == set(schedule) and counts.sum() == 4000
+    assert counts.min() > 900  # uniform: ~1000 each
+    with pytest.raises(ValueError, match="schedule"):
+        sample_timesteps(_stage(TimestepSampling.SCHEDULE), 4, 1000, torch.Generator())
+
+
 def test_beta_parameters_shape_the_draws():
     generator = torch.Generator().manual_seed(0)
     early = sample_timesteps(_stage(alpha=1.0, beta=3.0), 20000, 1000, generator).float().mean().item()
