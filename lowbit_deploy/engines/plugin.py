@@ -305,7 +305,13 @@ def plugin_classes(trt: ModuleType, version: str = PLUGIN_VERSION) -> tuple[type
             pass
 
         def attach_to_context(self, context: Any) -> "UnpackDequantizePlugin":
-            return self.clone()
+            # The CUDA library is found (and, from a source checkout, built) here, when an execution context is
+            # created -- never inside enqueue, which runs per layer per inference.
+            from .kernels import load_kernel_library  # lazy: only an engine run needs the CUDA library
+
+            attached = self.clone()
+            attached.library = load_kernel_library()
+            return attached
 
         def get_fields_to_serialize(self) -> Any:
             # The binding keeps raw pointers into the numpy buffers: they must outlive this call, so they live on self.
@@ -314,9 +320,10 @@ def plugin_classes(trt: ModuleType, version: str = PLUGIN_VERSION) -> tuple[type
 
         def enqueue(self, input_desc: Any, output_desc: Any, inputs: Any, outputs: Any, workspace: int,
                     stream: int) -> None:
-            from .kernels import load_kernel_library  # lazy: only an engine run needs the CUDA library
-
-            self.fields.launch(load_kernel_library(), int(inputs[0]), int(inputs[1]), int(outputs[0]), int(stream))
+            library = getattr(self, "library", None)
+            if library is None:
+                raise RuntimeError("lowbit::UnpackDequantize enqueued before attach_to_context loaded its CUDA library")
+            self.fields.launch(library, int(inputs[0]), int(inputs[1]), int(outputs[0]), int(stream))
 
     class UnpackDequantizeCreator(trt.IPluginCreatorV3One):
         def __init__(self) -> None:

@@ -39,3 +39,15 @@ def test_builds_once_and_rebuilds_when_a_source_changes(plugins_copy, monkeypatc
     assert kernels.ensure_kernel_library(plugins_copy).stat().st_mtime_ns != built_at
     assert kernels.KernelLibrary(library).format_constants()["op_name"] == "UnpackDequantize"
     assert not list((plugins_copy / "build").glob("*.tmp"))
+
+
+def test_the_loaded_library_is_cached_so_later_calls_neither_scan_nor_build(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(kernels, "ensure_kernel_library", lambda: calls.append(1) or Path("/nonexistent.so"))
+    monkeypatch.setattr(kernels, "KernelLibrary", lambda path: ("loaded", path))
+    kernels.load_kernel_library.cache_clear()
+    try:
+        first = kernels.load_kernel_library()
+        assert kernels.load_kernel_library() is first and calls == [1]
+    finally:
+        kernels.load_kernel_library.cache_clear()  # the next caller loads the real library again

@@ -173,6 +173,19 @@ def test_creator_validates_fields_and_serializes_by_name() -> None:
     serialized = {field.name: np.asarray(field.data).tolist() for field in plugin.get_fields_to_serialize()}
     assert serialized == {"levels": [3], "qmin": [-1], "word_bits": [8], "codes_per_word": [5], "shape": [4, 2, 3, 3]}
     assert plugin.clone().fields == plugin.fields
+    # The CUDA library is loaded when a context attaches the plugin, never inside enqueue (which would scan the
+    # sources, or even compile, per layer per inference): an unattached plugin refuses to enqueue.
+    with pytest.raises(RuntimeError, match="before attach_to_context"):
+        plugin.enqueue(None, None, [0, 0], [0], 0, 0)
+    from lowbit_deploy.engines.kernels import load_kernel_library
+
+    try:
+        library = load_kernel_library()
+    except UserError:
+        library = None  # no nvcc and no built library: attaching would fail the same way
+    if library is not None:
+        attached = plugin.attach_to_context(None)
+        assert attached.library is library and attached.fields == plugin.fields
     assert register_plugins(trt)["1"] is creator  # registering twice keeps the first creator
     assert trt.get_plugin_registry().get_creator("UnpackDequantize", "2", "lowbit") is not None
 
