@@ -86,3 +86,32 @@ def test_the_chain_stopped_at_any_event_after_training_is_finished_by_run_resume
     _, _, _, events = chain
     for crash_at in range(_after_training(events), len(events) + 1):
         _crash_and_recover(chain, tmp_path, crash_at)
+
+
+def test_a_real_ctrl_c_closes_with_130_and_run_resume_finishes(chain, tmp_path):
+    """SIGINT to a running `lowbit-deploy run` (not a patched exception): exit 130 with the closing line and no
+    traceback; the same command with --resume then finishes the chain."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, recipe, expected, _ = chain
+    out = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "lowbit_deploy", "run", str(recipe), "--out", str(out), "--model",
+               str(root / "model"), "--no-build", "-v"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    while not out.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)  # the run directory appears when the run takes its lock, before training starts
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert output.strip().splitlines()[-1].startswith("FAILED | Runtime: "), output
+    assert "Traceback" not in output and "Aborted!" not in output, output
+    finished = subprocess.run([*command[:-1], "--resume"], capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert {name: (out / name).read_bytes() for name in ARTIFACTS} == expected
