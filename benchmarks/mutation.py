@@ -7,7 +7,10 @@ parity); the untouched file goes through them with 5 input seeds (false alarms).
 what the output gates alone would have caught (they cannot see changes below float32 op-ordering noise).
 
 Usage: python benchmarks/mutation.py [RUN_DIR] [--seeds 5] [--kinds code,scale,bias] [--layers N] [--bisect N]
+       python benchmarks/mutation.py [RUN_DIR] --break LAYER --out DIR [--kind code]
 RUN_DIR defaults to runs/demo (`make demo`). Gates: the current defaults (recipes.Gates()); --run-gates uses the run's.
+The second form writes a copy of the run whose model.onnx has one mutation in LAYER, for trying
+`lowbit-deploy validate DIR --per-layer` on a deliberately broken artifact.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ def main() -> None:
     parser.add_argument("--bisect", type=int, default=0,
                         help="also run per-layer bisection on N code mutations and check it names the layer")
     parser.add_argument("--run-gates", action="store_true", help="use the run's recipe gates, not the defaults")
+    parser.add_argument("--break", dest="break_layer", default=None,
+                        help="write a copy of the run with one mutation in this layer (with --out) and stop")
+    parser.add_argument("--out", type=Path, default=None, help="where --break writes the broken run")
+    parser.add_argument("--kind", default="code", help="the mutation --break applies (code, scale or bias)")
     args = parser.parse_args()
+    if args.break_layer:
+        write_broken_run(args.run_dir, args.break_layer, args.out, args.kind)
+        return
 
     import onnx
     import torch
@@ -106,6 +116,27 @@ def main() -> None:
     total_caught = sum(row[2] for row in rows)
     print(f"caught {total_caught} / {total_tried}; {'PASS' if total_caught == total_tried and not false_alarms else 'MISS'}"
           f" (target: all caught, no false alarm); {time.perf_counter() - started:.0f}s")
+
+
+def write_broken_run(run_dir: Path, layer: str, out: Path | None, kind: str) -> None:
+    """Copy ``run_dir`` (without engines) to ``out`` with one ``kind`` mutation in ``layer``'s packed weight."""
+    import shutil
+
+    import onnx
+
+    from lowbit_deploy.validate.mutation import MutationKind, mutate
+
+    if out is None or out.exists():
+        raise SystemExit("--break needs --out DIR, a folder that does not exist yet")
+    shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("*.engine", "per_layer_sqnr*.png"))
+    model = onnx.load(str(out / "model.onnx"))
+    mutation = mutate(model, layer, MutationKind(kind), seed=0)
+    if mutation is None:
+        shutil.rmtree(out)
+        raise SystemExit(f"layer {layer!r} has nothing to mutate for {kind!r}")
+    onnx.save(model, str(out / "model.onnx"))
+    print(f"{out}: {kind} mutation in {layer}: {mutation.detail}")
+    print(f"try: lowbit-deploy validate {out} --per-layer --skip-sampling")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,8 @@ class LossHistory(TrainCallback):
     @staticmethod
     def _entry(stage) -> dict:
         return {"index": stage.index, "stage": stage.label, "kind": stage.kind.value, "steps": stage.steps,
-                "lr": stage.lr, "loss": stage.loss, "feature_weight": stage.feature_weight,
+                "lr": stage.lr, "lr_schedule": stage.lr_schedule.value, "loss": stage.loss,
+                "feature_weight": stage.feature_weight,
                 "timestep_sampling": stage.timestep_sampling.value, "steps_done": 0, "seconds": 0.0}
 
     def on_stage_begin(self, run: "TrainingRun") -> None:
