@@ -94,3 +94,29 @@ def crash_in_fresh_process(work: Callable[..., object], args: tuple, crash_at: i
     process.start()
     process.join()
     return process.exitcode
+
+
+def _record_target(work: Callable[..., object], args: tuple, events_path: str) -> None:  # pragma: no cover - child
+    import json
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        hooks = EventHooks(monkeypatch)
+        work(*args)
+    Path(events_path).write_text(json.dumps(hooks.events))
+
+
+def run_in_fresh_process(work: Callable[..., object], args: tuple, events_path: Path | None = None) -> None:
+    """Run ``work(*args)`` to the end in a spawned interpreter (torch's thread settings and any state earlier tests
+    left in this process cannot change its floating-point results); with ``events_path``, its file-system events
+    are written there as JSON."""
+    import multiprocessing
+
+    if events_path is None:
+        process = multiprocessing.get_context("spawn").Process(target=work, args=args)
+    else:
+        process = multiprocessing.get_context("spawn").Process(target=_record_target,
+                                                               args=(work, args, str(events_path)))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise AssertionError(f"{getattr(work, '__name__', work)} failed in a fresh process (exit {process.exitcode})")
