@@ -174,7 +174,8 @@ class ChunkOptions:
     compute_capability: str | None = None
 
 
-# (model bytes with the chunk's outputs, their tensor names, signature, batch size, options) -> run(feeds) -> values
+# Runs the model on one batch of feeds and returns the chunk's tap values, in tap order. CHUNK_BACKENDS make one from
+# (model bytes with the chunk's tensors as outputs, those tensor names, signature, batch size, ChunkOptions).
 ChunkSession = Callable[[Feeds], list[np.ndarray]]
 
 
@@ -197,6 +198,7 @@ def _onnxruntime_chunk(model_bytes: bytes, tensors: Sequence[str], signature, ba
 def build_chunk_engine(model_bytes: bytes, signature, batch: int, options: ChunkOptions) -> Path:
     """The engine of a chunk's ONNX (its taps marked as outputs) for ``batch``, in a new folder under
     ``options.work_dir``; builds ahead of time anywhere TensorRT-RTX is installed."""
+    import shutil
     import tempfile
 
     from ..engines.engine import build_engine
@@ -204,10 +206,14 @@ def build_chunk_engine(model_bytes: bytes, signature, batch: int, options: Chunk
 
     folder = Path(tempfile.mkdtemp(prefix="lowbit-per-layer-", dir=options.work_dir))
     onnx_path, engine_path = folder / "chunk.onnx", folder / "chunk.engine"
-    onnx_path.write_bytes(model_bytes)
     capability = parse_compute_capability(options.compute_capability) if options.compute_capability else (8, 9)
-    build_engine(onnx_path, engine_path, compute_capabilities=[capability],
-                 input_shapes=signature.shape_ranges((batch, batch, batch)), plugin=options.plugin)
+    try:
+        onnx_path.write_bytes(model_bytes)
+        build_engine(onnx_path, engine_path, compute_capabilities=[capability],
+                     input_shapes=signature.shape_ranges((batch, batch, batch)), plugin=options.plugin)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     onnx_path.unlink()
     return engine_path
 
