@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -17,6 +16,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UserError
+from .recipe_types import (  # noqa: F401 -- re-exported: the recipe's value types are used as recipes.X
+    DataSource,
+    LossKind,
+    LrSchedule,
+    StageKind,
+    TimestepSampling,
+    _BetaParameter,
+    _Probability,
+    _Rate,
+)
 from .quant.grids import MAX_BITS, MIN_BITS, GridKind, IntegerGrid, ScaleInit
 from .quant.plan import WeightExport, export_problem
 
@@ -89,37 +98,6 @@ class ScheduleSection(_Strict):
     def describe(self) -> str:
         return f"{self.scheduler}, {self.num_steps} steps"
 
-
-class TimestepSampling(str, Enum):
-    UNIFORM = "uniform"
-    BETA = "beta"
-    # uniform over the deployed schedule's timesteps (`schedule`): the only ones a model is run at after deployment
-    # (with cached time features, the only ones it can run at)
-    SCHEDULE = "schedule"
-
-
-class LrSchedule(str, Enum):
-    CONSTANT = "constant"
-    COSINE = "cosine"  # lr * (1 + cos(pi * k / steps)) / 2 at step k of the stage: decays to ~0 by its end
-
-
-class DataSource(str, Enum):
-    AUTO = "auto"
-    DIGITS = "digits"
-    GAUSSIAN = "gaussian"
-
-
-class StageKind(str, Enum):
-    """BitsFusion's training stages; lowbit_deploy/qat/objectives.py holds the loss of each."""
-
-    DISTILL = "distill"  # Stage I: match the float teacher's noise prediction (and its block outputs)
-    NOISE = "noise"      # Stage II: predict the true noise added to real data
-
-
-LossKind = Literal["mse", "l1"]
-_Rate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-_BetaParameter = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-_Probability = Annotated[float, Field(ge=0, le=1)]
 
 # Defaults of a recipe without `train.stages` (one distillation stage, as before stages existed).
 SINGLE_STAGE_STEPS = 300
