@@ -22,6 +22,7 @@ from ..io import remove_stale_temporaries, update_report
 from ..quant.apply import apply_plan, plan_for
 from ..recipes import Recipe
 from ..run_dir import check_output_dir, run_lock
+from ..validate.sampling import schedule_timesteps
 from .callbacks import CheckpointCallback, LossHistory, ProgressBar, TrainCallback
 from .checkpoint import (
     CHECKPOINT_DIRNAME,
@@ -38,7 +39,6 @@ from .data import resolve_source
 from .loop import TrainingRun, run_stages
 from .optimizer import make_optimizer
 from .stages import StagePlan, check_stage_data, resolve_stages
-from ..validate.sampling import schedule_timesteps
 
 
 @dataclass
