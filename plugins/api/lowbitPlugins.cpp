@@ -5,6 +5,7 @@
  * getCreators, load_library would then fail and leave a dangling creator.
  */
 #include "../common/pluginLogging.h"
+#include "../quantize_dequantize_activation/quantizeDequantizeActivationPlugin.h"
 #include "../unpack_dequantize/unpackDequantizePlugin.h"
 
 #include <NvInferRuntime.h>
@@ -18,7 +19,7 @@ namespace
 // against other TensorRT headers than its runtime's family is refused before anything is built.
 [[gnu::used]] char const kBUILD_INFO[] = "lowbit-plugin-build-info: tensorrt-headers="
     LOWBIT_STRINGIFY(NV_TENSORRT_MAJOR) "." LOWBIT_STRINGIFY(NV_TENSORRT_MINOR) "." LOWBIT_STRINGIFY(NV_TENSORRT_PATCH)
-    "; ops=UnpackDequantize:1,2;";
+    "; ops=UnpackDequantize:1,2;QuantizeDequantizeActivation:1;";
 } // namespace
 
 extern "C" __attribute__((visibility("default"))) void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
@@ -34,7 +35,8 @@ extern "C" __attribute__((visibility("default"))) nvinfer1::IPluginCreatorInterf
         // Function-local statics: constructed on first use, alive until the library is unloaded.
         static lowbit::plugin::UnpackDequantizePluginCreator words(lowbit::plugin::OpVersion::kWORDS);
         static lowbit::plugin::UnpackDequantizePluginCreator bitstream(lowbit::plugin::OpVersion::kBITSTREAM);
-        static nvinfer1::IPluginCreatorInterface* const creators[] = {&words, &bitstream};
+        static lowbit::plugin::QuantizeDequantizeActivationPluginCreator activation;
+        static nvinfer1::IPluginCreatorInterface* const creators[] = {&words, &bitstream, &activation};
         nbCreators = static_cast<int32_t>(sizeof(creators) / sizeof(creators[0]));
         return creators;
     }

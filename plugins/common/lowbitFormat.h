@@ -2,8 +2,10 @@
  * Packing-format constants shared by every low-bit kernel and plugin.
  *
  * Mirrors lowbit_deploy/quant/packing.py (PackingFormat, MIN_LEVELS, MAX_LEVELS, MAX_GROUP_BITS, bitstream_group)
- * and the op contracts in docs/ops/UnpackDequantize_v1.md (word formats) and UnpackDequantize_v2.md (bit stream). tests/unit/engines/test_format_constants.py parses this file and checks every
- * value against the Python source of truth, so keep one `constexpr` per line in the form `NAME = VALUE;`.
+ * and the op contracts in docs/ops/UnpackDequantize_v1.md (word formats), UnpackDequantize_v2.md (bit stream) and
+ * QuantizeDequantizeActivation_v1.md. tests/unit/engines/test_format_constants.py and test_activation_plugin.py parse
+ * this file and check every value against the Python source of truth, so keep one `constexpr` per line in the form
+ * `NAME = VALUE;`.
  */
 #ifndef LOWBIT_FORMAT_H
 #define LOWBIT_FORMAT_H
@@ -38,6 +40,11 @@ constexpr char const* kUNPACK_DEQUANTIZE_NAME = "UnpackDequantize";
 constexpr char const* kPLUGIN_NAMESPACE = "lowbit";
 constexpr char const* kUNPACK_DEQUANTIZE_VERSION = "1";
 constexpr char const* kUNPACK_DEQUANTIZE_BITSTREAM_VERSION = "2";
+constexpr char const* kQUANTIZE_DEQUANTIZE_ACTIVATION_NAME = "QuantizeDequantizeActivation";
+constexpr char const* kQUANTIZE_DEQUANTIZE_ACTIVATION_VERSION = "1";
+
+// lowbit::QuantizeDequantizeActivation v1: the widest integer grid, qmax - qmin + 1 <= 65536.
+constexpr int32_t kMAX_ACTIVATION_GRID_LEVELS = 65536;
 
 //! Largest k with levels^k <= 2^wordBits (0 when levels is out of range); exact integer arithmetic like packing.py.
 inline int32_t codesPerWord(int32_t levels, int32_t wordBits)

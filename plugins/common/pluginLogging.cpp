@@ -43,11 +43,12 @@ void log(nvinfer1::ILogger::Severity severity, char const* message) noexcept
     std::fprintf(stderr, "[lowbit plugin] %s: %s\n", severityName(severity), message);
 }
 
-void reportError(std::string const& message, nvinfer1::IErrorRecorder* recorder, nvinfer1::ErrorCode code) noexcept
+void reportError(std::string const& message, nvinfer1::IErrorRecorder* recorder, nvinfer1::ErrorCode code,
+    char const* op) noexcept
 {
     try
     {
-        std::string const text = "lowbit::UnpackDequantize: " + message;
+        std::string const text = std::string(kPLUGIN_NAMESPACE) + "::" + op + ": " + message;
         if (recorder != nullptr)
         {
             recorder->reportError(code, text.c_str());
@@ -57,15 +58,16 @@ void reportError(std::string const& message, nvinfer1::IErrorRecorder* recorder,
     catch (...)
     {
         // Building the message failed (out of memory): say something rather than nothing.
-        log(nvinfer1::ILogger::Severity::kERROR, "lowbit::UnpackDequantize: error (message allocation failed)");
+        log(nvinfer1::ILogger::Severity::kERROR, "lowbit plugin: error (message allocation failed)");
     }
 }
 
-void reportException(char const* where, std::exception const& error, nvinfer1::IErrorRecorder* recorder) noexcept
+void reportException(
+    char const* where, std::exception const& error, nvinfer1::IErrorRecorder* recorder, char const* op) noexcept
 {
     try
     {
-        reportError(std::string(where) + ": " + error.what(), recorder);
+        reportError(std::string(where) + ": " + error.what(), recorder, nvinfer1::ErrorCode::kINVALID_ARGUMENT, op);
     }
     catch (...)
     {
@@ -73,11 +75,11 @@ void reportException(char const* where, std::exception const& error, nvinfer1::I
     }
 }
 
-void reportUnknownException(char const* where, nvinfer1::IErrorRecorder* recorder) noexcept
+void reportUnknownException(char const* where, nvinfer1::IErrorRecorder* recorder, char const* op) noexcept
 {
     try
     {
-        reportError(std::string(where) + ": unknown exception", recorder, nvinfer1::ErrorCode::kINTERNAL_ERROR);
+        reportError(std::string(where) + ": unknown exception", recorder, nvinfer1::ErrorCode::kINTERNAL_ERROR, op);
     }
     catch (...)
     {

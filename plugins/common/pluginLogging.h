@@ -9,6 +9,8 @@
 #ifndef LOWBIT_PLUGIN_LOGGING_H
 #define LOWBIT_PLUGIN_LOGGING_H
 
+#include "lowbitFormat.h"
+
 #include <NvInferRuntime.h>
 
 #include <exception>
@@ -25,15 +27,40 @@ void setLoggerFinder(nvinfer1::ILoggerFinder* finder) noexcept;
 //! Logs `message` with `severity` through TensorRT's logger (stderr when there is none).
 void log(nvinfer1::ILogger::Severity severity, char const* message) noexcept;
 
-//! Reports an error: to `recorder` when given (runtime), and always to the logger at kERROR.
+//! Reports an error of op `op` ("lowbit::<op>: <message>"): to `recorder` when given (runtime), and always to the
+//! logger at kERROR.
 void reportError(std::string const& message, nvinfer1::IErrorRecorder* recorder = nullptr,
-    nvinfer1::ErrorCode code = nvinfer1::ErrorCode::kINVALID_ARGUMENT) noexcept;
+    nvinfer1::ErrorCode code = nvinfer1::ErrorCode::kINVALID_ARGUMENT,
+    char const* op = kUNPACK_DEQUANTIZE_NAME) noexcept;
 
 //! Reports an exception caught at a noexcept boundary, prefixed with the entry point's name.
-void reportException(char const* where, std::exception const& error, nvinfer1::IErrorRecorder* recorder = nullptr) noexcept;
+void reportException(char const* where, std::exception const& error, nvinfer1::IErrorRecorder* recorder = nullptr,
+    char const* op = kUNPACK_DEQUANTIZE_NAME) noexcept;
 
 //! Reports a non-standard exception (catch (...)) caught at a noexcept boundary.
-void reportUnknownException(char const* where, nvinfer1::IErrorRecorder* recorder = nullptr) noexcept;
+void reportUnknownException(char const* where, nvinfer1::IErrorRecorder* recorder = nullptr,
+    char const* op = kUNPACK_DEQUANTIZE_NAME) noexcept;
+
+//! Runs `body` at a noexcept boundary: returns its result, or reports whatever it throws (prefixed with `where`)
+//! and returns `failure`.
+template <typename Result, typename Body>
+Result guarded(char const* where, nvinfer1::IErrorRecorder* recorder, char const* op, Result failure,
+    Body&& body) noexcept
+{
+    try
+    {
+        return body();
+    }
+    catch (std::exception const& error)
+    {
+        reportException(where, error, recorder, op);
+    }
+    catch (...)
+    {
+        reportUnknownException(where, recorder, op);
+    }
+    return failure;
+}
 
 } // namespace plugin
 } // namespace lowbit

@@ -432,14 +432,15 @@ int main(int argc, char** argv)
     {
         auto* creator = static_cast<nvinfer1::IPluginCreatorV3One*>(creators[i]);
         int const version = std::atoi(creator->getPluginVersion());
-        if (version == 1 || version == 2)
+        if (std::strcmp(creator->getPluginName(), lowbit::kUNPACK_DEQUANTIZE_NAME) == 0 && (version == 1 || version == 2))
         {
             library.creators[version] = creator;
         }
     }
-    if (count != 2 || library.creators[1] == nullptr || library.creators[2] == nullptr)
+    // UnpackDequantize v1 and v2, and QuantizeDequantizeActivation v1 (tested through TensorRT-RTX from Python).
+    if (count != 3 || library.creators[1] == nullptr || library.creators[2] == nullptr)
     {
-        std::printf("FAIL: expected the v1 and v2 creators, got %d creators\n", count);
+        std::printf("FAIL: expected the UnpackDequantize v1 and v2 creators among 3, got %d creators\n", count);
         return 1;
     }
     cpuChecks(library, logger);

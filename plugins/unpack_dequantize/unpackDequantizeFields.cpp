@@ -20,104 +20,6 @@ constexpr char const* kCODES_PER_WORD = "codes_per_word";
 constexpr char const* kGROUP_SIZE = "group_size";
 constexpr char const* kGROUP_BITS = "group_bits";
 constexpr char const* kSHAPE = "shape";
-// Node attributes the ONNX parser may pass along; they select the plugin and carry nothing it needs.
-constexpr char const* kIGNORED_FIELDS[] = {"plugin_namespace", "plugin_version"};
-
-std::string listNames(std::vector<std::string> const& names)
-{
-    std::ostringstream text;
-    text << "[";
-    for (size_t i = 0; i < names.size(); ++i)
-    {
-        text << (i ? ", " : "") << "'" << names[i] << "'";
-    }
-    text << "]";
-    return text.str();
-}
-
-std::string expectedNames(OpVersion version)
-{
-    std::vector<std::string> names;
-    for (char const* name : fieldNames(version))
-    {
-        names.emplace_back(name);
-    }
-    return listNames(names);
-}
-
-char const* typeName(nvinfer1::PluginFieldType type)
-{
-    switch (type)
-    {
-    case nvinfer1::PluginFieldType::kFLOAT16: return "FLOAT16";
-    case nvinfer1::PluginFieldType::kFLOAT32: return "FLOAT32";
-    case nvinfer1::PluginFieldType::kFLOAT64: return "FLOAT64";
-    case nvinfer1::PluginFieldType::kINT8: return "INT8";
-    case nvinfer1::PluginFieldType::kINT16: return "INT16";
-    case nvinfer1::PluginFieldType::kINT32: return "INT32";
-    case nvinfer1::PluginFieldType::kCHAR: return "CHAR";
-    case nvinfer1::PluginFieldType::kDIMS: return "DIMS";
-    case nvinfer1::PluginFieldType::kUNKNOWN: return "UNKNOWN";
-    case nvinfer1::PluginFieldType::kBF16: return "BF16";
-    case nvinfer1::PluginFieldType::kINT64: return "INT64";
-    case nvinfer1::PluginFieldType::kFP8: return "FP8";
-    case nvinfer1::PluginFieldType::kINT4: return "INT4";
-    case nvinfer1::PluginFieldType::kFP4: return "FP4";
-    }
-    return "an unknown type";
-}
-
-//! The integers of one field, widened to int64; only INT32 and INT64 fields are integers here.
-std::vector<int64_t> integers(nvinfer1::PluginField const& field)
-{
-    bool const isInt32 = field.type == nvinfer1::PluginFieldType::kINT32;
-    if (!isInt32 && field.type != nvinfer1::PluginFieldType::kINT64)
-    {
-        throw FieldError(std::string("field '") + field.name + "' has type " + typeName(field.type)
-            + "; expected INT32 or INT64 integers");
-    }
-    if (field.length < 0)
-    {
-        throw FieldError(std::string("field '") + field.name + "' has a negative length "
-            + std::to_string(field.length));
-    }
-    if (field.length > 0 && field.data == nullptr)
-    {
-        throw FieldError(std::string("field '") + field.name + "' has no data");
-    }
-    std::vector<int64_t> values(static_cast<size_t>(field.length));
-    for (int32_t i = 0; i < field.length; ++i)
-    {
-        // memcpy: the data pointer carries no alignment promise.
-        if (isInt32)
-        {
-            int32_t value;
-            std::memcpy(&value, static_cast<char const*>(field.data) + i * sizeof(int32_t), sizeof(value));
-            values[i] = value;
-        }
-        else
-        {
-            std::memcpy(&values[i], static_cast<char const*>(field.data) + i * sizeof(int64_t), sizeof(int64_t));
-        }
-    }
-    return values;
-}
-
-int32_t scalar(nvinfer1::PluginField const& field)
-{
-    std::vector<int64_t> const values = integers(field);
-    if (values.size() != 1)
-    {
-        throw FieldError(std::string("field '") + field.name + "' must be one integer, got "
-            + std::to_string(values.size()) + " values");
-    }
-    if (values[0] < std::numeric_limits<int32_t>::min() || values[0] > std::numeric_limits<int32_t>::max())
-    {
-        throw FieldError(std::string("field '") + field.name + "'=" + std::to_string(values[0])
-            + " does not fit a 32-bit integer");
-    }
-    return static_cast<int32_t>(values[0]);
-}
 
 std::vector<int64_t> shapeValues(nvinfer1::PluginField const& field)
 {
@@ -147,91 +49,6 @@ std::vector<int64_t> shapeValues(nvinfer1::PluginField const& field)
         numel *= extent;
     }
     return shape;
-}
-
-//! Name of `field`, checked to be a terminated string of TensorRT's maximum length.
-std::string fieldName(nvinfer1::PluginField const& field)
-{
-    if (field.name == nullptr)
-    {
-        throw FieldError("a field has no name");
-    }
-    size_t const length = strnlen(field.name, kMAX_NAME_LENGTH);
-    if (length == kMAX_NAME_LENGTH)
-    {
-        throw FieldError("a field name is not NUL-terminated within 1024 bytes");
-    }
-    return std::string(field.name, length);
-}
-
-bool isIgnored(std::string const& name)
-{
-    for (char const* ignored : kIGNORED_FIELDS)
-    {
-        if (name == ignored)
-        {
-            return true;
-        }
-    }
-    return false;
-}
-
-//! The fields of `collection` by name: every expected name present once, nothing unknown.
-std::map<std::string, nvinfer1::PluginField> fieldsByName(
-    OpVersion version, nvinfer1::PluginFieldCollection const* collection)
-{
-    if (collection == nullptr)
-    {
-        throw FieldError("no field collection; expected " + expectedNames(version));
-    }
-    if (collection->nbFields < 0 || (collection->nbFields > 0 && collection->fields == nullptr))
-    {
-        throw FieldError("malformed field collection (" + std::to_string(collection->nbFields) + " fields)");
-    }
-    std::map<std::string, nvinfer1::PluginField> byName;
-    std::vector<std::string> unknown;
-    for (int32_t i = 0; i < collection->nbFields; ++i)
-    {
-        nvinfer1::PluginField const& field = collection->fields[i];
-        std::string const name = fieldName(field);
-        if (isIgnored(name))
-        {
-            continue;
-        }
-        if (!byName.emplace(name, field).second)
-        {
-            throw FieldError("field '" + name + "' is given more than once");
-        }
-    }
-    std::vector<std::string> missing;
-    for (char const* name : fieldNames(version))
-    {
-        if (byName.find(name) == byName.end())
-        {
-            missing.emplace_back(name);
-        }
-    }
-    if (!missing.empty())
-    {
-        throw FieldError("missing required field(s) " + listNames(missing) + "; expected " + expectedNames(version));
-    }
-    for (auto const& entry : byName)
-    {
-        bool known = false;
-        for (char const* name : fieldNames(version))
-        {
-            known = known || entry.first == name;
-        }
-        if (!known)
-        {
-            unknown.push_back(entry.first);
-        }
-    }
-    if (!unknown.empty())
-    {
-        throw FieldError("unknown field(s) " + listNames(unknown) + "; expected " + expectedNames(version));
-    }
-    return byName;
 }
 } // namespace
 
@@ -281,7 +98,7 @@ UnpackDequantizeFields parseFields(OpVersion version, nvinfer1::PluginFieldColle
     {
         throw FieldError("unknown op version " + std::to_string(static_cast<int32_t>(version)));
     }
-    std::map<std::string, nvinfer1::PluginField> const byName = fieldsByName(version, collection);
+    std::map<std::string, nvinfer1::PluginField> const byName = fieldsByName(collection, fieldNames(version));
     UnpackDequantizeFields fields;
     fields.version = version;
     // Scalars first (type, count, range), then levels, then the version's own fields, then the shape: the order
@@ -291,7 +108,7 @@ UnpackDequantizeFields parseFields(OpVersion version, nvinfer1::PluginFieldColle
     {
         if (std::strcmp(name, kSHAPE) != 0)
         {
-            scalars[name] = scalar(byName.at(name));
+            scalars[name] = int32Scalar(byName.at(name));
         }
     }
     // The shape's type is checked with the scalars, its values after the version's fields (as engines/plugin.py).

@@ -8,11 +8,12 @@
 #ifndef LOWBIT_UNPACK_DEQUANTIZE_FIELDS_H
 #define LOWBIT_UNPACK_DEQUANTIZE_FIELDS_H
 
+#include "../common/pluginFields.h"
+
 #include <NvInferRuntime.h>
 
 #include <array>
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -33,15 +34,6 @@ constexpr int32_t kMAX_RANK = nvinfer1::Dims::MAX_DIMS;
 // Keeps every count derived from prod(shape) (words, stream bits = groups * 56) far from int64 overflow; 2^48 float32
 // outputs would be 1 PiB, so no real weight is refused. Mirrored by MAX_WEIGHT_ELEMENTS in engines/plugin.py.
 constexpr int64_t kMAX_WEIGHT_ELEMENTS = int64_t{1} << 48;
-//! TensorRT's limit on plugin and field name strings, terminator included.
-constexpr size_t kMAX_NAME_LENGTH = 1024;
-
-//! A field the creator refuses: the message says which field and why.
-class FieldError : public std::invalid_argument
-{
-public:
-    using std::invalid_argument::invalid_argument;
-};
 
 //! Validated plugin state: exactly what the engine serializes, for one op version.
 struct UnpackDequantizeFields

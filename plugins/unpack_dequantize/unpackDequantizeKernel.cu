@@ -153,6 +153,9 @@ char const* lowbit_error_string(int code)
     case LOWBIT_ERR_NULL_POINTER: return "null pointer argument";
     case LOWBIT_ERR_BAD_GROUP: return "group_size/group_bits differ from the bit-stream group of these levels";
     case LOWBIT_ERR_BAD_STREAM_BYTES: return "num_bytes is not ceil(ceil(numel / group_size) * group_bits / 8)";
+    case LOWBIT_ERR_BAD_GRID: return "the grid needs qmin < qmax and qmax - qmin + 1 <= 65536";
+    case LOWBIT_ERR_BAD_STEPS: return "the step table (scale, zero_point) needs at least one entry";
+    case LOWBIT_ERR_BAD_ACTIVATION_SHAPE: return "batch and per_sample must be >= 0 with batch * per_sample in int64";
     default: return code > 0 ? cudaGetErrorString(static_cast<cudaError_t>(code)) : "unknown lowbit error";
     }
 }

@@ -7,6 +7,8 @@
 #ifndef LOWBIT_UNPACK_DEQUANTIZE_KERNEL_H
 #define LOWBIT_UNPACK_DEQUANTIZE_KERNEL_H
 
+#include "../common/lowbitErrors.h"
+
 #include <cstdint>
 #include <cuda_runtime_api.h>
 
@@ -139,15 +141,6 @@ void unpackDequantizeBitstreamHost(uint8_t const* packed, int64_t numBytes, uint
 
 extern "C"
 {
-//! Return codes of the C ABI: 0 success, > 0 a cudaError_t, < 0 an argument error (see lowbit_error_string).
-#define LOWBIT_ERR_BAD_WORD_BITS (-1)
-#define LOWBIT_ERR_BAD_LEVELS (-2)
-#define LOWBIT_ERR_BAD_CODES_PER_WORD (-3)
-#define LOWBIT_ERR_BAD_SHAPE (-4)
-#define LOWBIT_ERR_NULL_POINTER (-5)
-#define LOWBIT_ERR_BAD_GROUP (-6)
-#define LOWBIT_ERR_BAD_STREAM_BYTES (-7)
-
 //! Mirror of the constants in lowbitFormat.h, for bindings that cannot parse C++ (ctypes).
 typedef struct LowbitFormatConstants
 {
@@ -191,7 +184,6 @@ int lowbit_unpack_dequantize_bitstream_host(void const* packed, int64_t num_byte
 //! lowbit::bitstreamGroup for bindings (lets tests check the C++ twin of packing.bitstream_group).
 int lowbit_bitstream_group(int levels, int* group_size, int* group_bits);
 
-char const* lowbit_error_string(int code);
 }
 
 #endif // LOWBIT_UNPACK_DEQUANTIZE_KERNEL_H

@@ -361,14 +361,8 @@ nvinfer1::PluginFieldCollection const* UnpackDequantizePlugin::getFieldsToSerial
 
 UnpackDequantizePluginCreator::UnpackDequantizePluginCreator(OpVersion version)
     : mVersion(version)
+    , mFieldNames(fieldNames(version)) // declared as the Python creator declares them (INT32, no data)
 {
-    // Declared as the Python creator declares them (INT32, no data): the ONNX parser passes these attributes.
-    for (char const* name : fieldNames(version))
-    {
-        mFieldNames.emplace_back(name, nullptr, nvinfer1::PluginFieldType::kINT32, 0);
-    }
-    mFieldCollection.nbFields = static_cast<int32_t>(mFieldNames.size());
-    mFieldCollection.fields = mFieldNames.data();
 }
 
 nvinfer1::IPluginV3* UnpackDequantizePluginCreator::createPlugin(
@@ -391,7 +385,7 @@ nvinfer1::IPluginV3* UnpackDequantizePluginCreator::createPlugin(
 
 nvinfer1::PluginFieldCollection const* UnpackDequantizePluginCreator::getFieldNames() noexcept
 {
-    return &mFieldCollection;
+    return mFieldNames.collection();
 }
 
 char const* UnpackDequantizePluginCreator::getPluginName() const noexcept

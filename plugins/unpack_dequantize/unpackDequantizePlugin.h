@@ -96,8 +96,7 @@ public:
 
 private:
     OpVersion mVersion;
-    std::vector<nvinfer1::PluginField> mFieldNames;
-    nvinfer1::PluginFieldCollection mFieldCollection{};
+    DeclaredFieldNames mFieldNames;
 };
 
 } // namespace plugin
