@@ -1,8 +1,8 @@
 """ctypes binding of ``plugins/build/liblowbit_kernels.so`` (built from plugins/ with nvcc).
 
-The library carries the CUDA kernels of op versions 1 (word formats) and 2 (bit stream) and their host reference
-behind a C ABI, with cudart linked statically, so it loads on machines without a GPU (the host path then runs; the
-device launcher reports a CUDA error).
+The library carries the CUDA kernels of ``lowbit::UnpackDequantize`` versions 1 (word formats) and 2 (bit stream) and
+of ``lowbit::QuantizeDequantizeActivation`` v1 and their host reference behind a C ABI, with cudart linked statically,
+so it loads on machines without a GPU (the host path then runs; the device launcher reports a CUDA error).
 """
 
 from __future__ import annotations
@@ -117,6 +117,11 @@ class KernelLibrary:
         self._lib.lowbit_bitstream_group.restype = ctypes.c_int
         self._lib.lowbit_format_constants.argtypes = [ctypes.POINTER(LowbitFormatConstants)]
         self._lib.lowbit_format_constants.restype = ctypes.c_int
+        activation_args = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+        self._lib.lowbit_quantize_dequantize_activation_launch.argtypes = activation_args + [ctypes.c_void_p]
+        self._lib.lowbit_quantize_dequantize_activation_launch.restype = ctypes.c_int
+        self._lib.lowbit_quantize_dequantize_activation_host.argtypes = activation_args
+        self._lib.lowbit_quantize_dequantize_activation_host.restype = ctypes.c_int
         self._lib.lowbit_error_string.argtypes = [ctypes.c_int]
         self._lib.lowbit_error_string.restype = ctypes.c_char_p
 
@@ -168,6 +173,23 @@ class KernelLibrary:
                                                                    channels, levels, qmin, group_size, group_bits,
                                                                    stream)
         self._check(code, "lowbit_unpack_dequantize_bitstream_launch")
+
+    def quantize_dequantize_activation_host(self, x_ptr: int, scale_ptr: int, step_index_ptr: int,
+                                            zero_point_ptr: int | None, out_ptr: int, batch: int, per_sample: int,
+                                            steps: int, qmin: int, qmax: int) -> None:
+        """lowbit::QuantizeDequantizeActivation on host pointers (``zero_point_ptr`` None: symmetric grid)."""
+        code = self._lib.lowbit_quantize_dequantize_activation_host(x_ptr, scale_ptr, step_index_ptr, zero_point_ptr,
+                                                                    out_ptr, batch, per_sample, steps, qmin, qmax)
+        self._check(code, "lowbit_quantize_dequantize_activation_host")
+
+    def quantize_dequantize_activation_launch(self, x_ptr: int, scale_ptr: int, step_index_ptr: int,
+                                              zero_point_ptr: int | None, out_ptr: int, batch: int, per_sample: int,
+                                              steps: int, qmin: int, qmax: int, stream: int) -> None:
+        """Same on device pointers and a cudaStream_t handle (ints); asynchronous on ``stream``."""
+        code = self._lib.lowbit_quantize_dequantize_activation_launch(x_ptr, scale_ptr, step_index_ptr,
+                                                                      zero_point_ptr, out_ptr, batch, per_sample,
+                                                                      steps, qmin, qmax, stream)
+        self._check(code, "lowbit_quantize_dequantize_activation_launch")
 
 
 @lru_cache(maxsize=None)
@@ -285,4 +307,61 @@ def unpack_dequantize_bitstream_cuda(packed: Any, scale_fp16: Any, levels: int, 
                                                              scale_fp16.data_ptr(), out.data_ptr(), numel,
                                                              int(shape[0]), levels, qmin, group_size, group_bits,
                                                              stream)
+    return out
+
+
+def _check_activation_arguments(x_shape: Sequence[int], dtypes: Sequence[Any], step_index_length: int,
+                                scale_length: int, zero_point_length: int | None, qmin: int, qmax: int) -> None:
+    """The checks of docs/ops/QuantizeDequantizeActivation_v1.md that the plugin makes at build time."""
+    names = ("x", "scale", "step_index", "zero_point")
+    wanted = (np.dtype(np.float32), np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.float32))
+    for name, dtype, expected in zip(names, dtypes, wanted):
+        if np.dtype(dtype) != expected:
+            raise ValueError(f"{name} must be {expected.name}, got {np.dtype(dtype).name}")
+    if len(x_shape) < 1:
+        raise ValueError("x needs a batch dimension (rank >= 1)")
+    if step_index_length != x_shape[0]:
+        raise ValueError(f"step_index has {step_index_length} entries; it needs one per sample ({x_shape[0]})")
+    if scale_length < 1 or zero_point_length not in (None, scale_length):
+        raise ValueError(f"scale ({scale_length} steps) must be non-empty and zero_point ({zero_point_length}) as long")
+    if not qmin < qmax or qmax - qmin + 1 > 65536:
+        raise ValueError(f"grid [{qmin}, {qmax}] needs qmin < qmax and at most 65536 levels")
+
+
+def quantize_dequantize_activation_host(x: np.ndarray, scale: np.ndarray, step_index: np.ndarray, qmin: int,
+                                        qmax: int, zero_point: np.ndarray | None = None) -> np.ndarray:
+    """lowbit::QuantizeDequantizeActivation by the C++ host path (same per-element function as the CUDA kernel).
+    Arrays must already have the op's dtypes (float32, int64); an out-of-range step index gives NaN for that
+    sample, as the kernel (the numpy reference raises instead)."""
+    arrays = [np.ascontiguousarray(a) for a in (x, scale, step_index)]
+    zero = None if zero_point is None else np.ascontiguousarray(zero_point)
+    x, scale, step_index = arrays
+    _check_activation_arguments(x.shape, [a.dtype for a in arrays] + [np.float32 if zero is None else zero.dtype],
+                                step_index.size, scale.size, None if zero is None else zero.size, qmin, qmax)
+    out = np.empty_like(x)
+    load_kernel_library().quantize_dequantize_activation_host(
+        x.ctypes.data, scale.ctypes.data, step_index.ctypes.data, None if zero is None else zero.ctypes.data,
+        out.ctypes.data, x.shape[0], x.size // x.shape[0] if x.shape[0] else 0, scale.size, qmin, qmax)
+    return out
+
+
+def quantize_dequantize_activation_cuda(x: Any, scale: Any, step_index: Any, qmin: int, qmax: int,
+                                        zero_point: Any | None = None) -> Any:
+    """Same on torch CUDA tensors, launched on torch's current stream; returns a float32 CUDA tensor."""
+    import torch  # lazy: torch is only needed for this convenience wrapper
+
+    tensors = [t.contiguous() for t in (x, scale, step_index)]
+    zero = None if zero_point is None else zero_point.contiguous()
+    x, scale, step_index = tensors
+    dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors] + ["float32" if zero is None else
+                                                                        str(zero.dtype).removeprefix("torch.")]
+    _check_activation_arguments(tuple(x.shape), dtypes, step_index.numel(), scale.numel(),
+                                None if zero is None else zero.numel(), qmin, qmax)
+    if not all(t.is_cuda for t in tensors + ([] if zero is None else [zero])):
+        raise ValueError("x, scale, step_index and zero_point must be CUDA tensors")
+    out = torch.empty_like(x)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    load_kernel_library().quantize_dequantize_activation_launch(
+        x.data_ptr(), scale.data_ptr(), step_index.data_ptr(), None if zero is None else zero.data_ptr(),
+        out.data_ptr(), x.shape[0], x.numel() // x.shape[0] if x.shape[0] else 0, scale.numel(), qmin, qmax, stream)
     return out

@@ -9,7 +9,8 @@ Everything that differs between versions lives in the validated fields class (pa
 :data:`PLUGIN_VERSIONS` maps a version to its fields parser; one creator per version is registered.
 
 The plugin classes subclass the binding classes of one TensorRT module, and ``tensorrt`` and ``tensorrt_rtx`` are
-different modules, so the classes are made per module (and version) by :func:`plugin_classes`.
+different modules, so the classes are made per module (and version) by :func:`plugin_classes`; the glue that does
+not depend on the op (field lookup, creator, registration) is in engines/plugin_common.py.
 """
 
 from __future__ import annotations
@@ -18,31 +19,36 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 
 from ..errors import UserError
 from ..quant import packing
+from .plugin_common import (
+    IGNORED_FIELDS,
+    PLUGIN_NAMESPACE,
+    check_field_names,
+    creator_class,
+    field_collection,
+    fields_by_name,
+    int32_scalar,
+    plugin_base,
+    register_creator,
+)
 
 OP_NAME = "UnpackDequantize"
-PLUGIN_NAMESPACE = "lowbit"
 PLUGIN_VERSION = "1"
 PLUGIN_VERSION_V2 = "2"
 FIELD_NAMES = ("levels", "qmin", "word_bits", "codes_per_word", "shape")
 FIELD_NAMES_V2 = ("levels", "qmin", "group_size", "group_bits", "shape")
-# Node attributes the ONNX parser may pass along; they select the plugin and are never read.
-IGNORED_FIELDS = ("plugin_namespace", "plugin_version")
 # TensorRT tensors have at most 8 dimensions (Dims::MAX_DIMS).
 MAX_RANK = 8
 # Keeps every count derived from prod(shape) far from int64 overflow (2^48 float32 outputs = 1 PiB: no real weight).
 # Mirrored by kMAX_WEIGHT_ELEMENTS in plugins/unpack_dequantize/unpackDequantizeFields.h.
 MAX_WEIGHT_ELEMENTS = 2**48
-_INT32_RANGE = (-2**31, 2**31 - 1)
-_INTEGER_FIELD_TYPES = ("INT32", "INT64")
+_INT32_MAX = 2**31 - 1
 _WORD_BITS = (8, 32)
-# Creators registered per (TensorRT module, version): the registry holds a raw pointer, so Python keeps them alive.
-_registered: dict[tuple[str, str], Any] = {}
 
 
 @dataclass(frozen=True)
@@ -108,22 +114,8 @@ class UnpackDequantizeBitstreamFields:
 def _parse_common(fields: Mapping[str, Any], names: tuple[str, ...]) -> tuple[dict[str, int], tuple[int, ...]]:
     """Checks shared by every version, in the order of the C++ plugin (unpackDequantizeFields.cpp): presence, no
     unknown names, one 32-bit integer per scalar, an integer shape, levels range, qmin + levels - 1 in int32."""
-    missing = [name for name in names if name not in fields]
-    if missing:
-        raise UserError(f"{OP_NAME}: missing required field(s) {missing}; expected {list(names)}")
-    unknown = sorted(set(fields) - set(names) - set(IGNORED_FIELDS))
-    if unknown:
-        raise UserError(f"{OP_NAME}: unknown field(s) {unknown}; expected {list(names)}")
-    scalars = {}
-    for name in names:
-        if name == "shape":
-            continue
-        values = np.asarray(fields[name]).reshape(-1)
-        if values.size != 1 or not np.issubdtype(values.dtype, np.integer):
-            raise UserError(f"{OP_NAME}: field {name!r} must be one integer, got {values!r}")
-        scalars[name] = int(values[0])
-        if not _INT32_RANGE[0] <= scalars[name] <= _INT32_RANGE[1]:
-            raise UserError(f"{OP_NAME}: field {name!r}={scalars[name]} does not fit a 32-bit integer")
+    check_field_names(fields, names, OP_NAME)
+    scalars = {name: int32_scalar(fields, name, OP_NAME) for name in names if name != "shape"}
     shape_values = np.asarray(fields["shape"]).reshape(-1)
     if shape_values.size and not np.issubdtype(shape_values.dtype, np.integer):
         raise UserError(f"{OP_NAME}: field 'shape' must hold integers, got {shape_values!r}")
@@ -131,7 +123,7 @@ def _parse_common(fields: Mapping[str, Any], names: tuple[str, ...]) -> tuple[di
     levels = scalars["levels"]
     if not packing.MIN_LEVELS <= levels <= packing.MAX_LEVELS:
         raise UserError(f"{OP_NAME}: levels={levels} is out of range [{packing.MIN_LEVELS}, {packing.MAX_LEVELS}]")
-    if scalars["qmin"] + levels - 1 > _INT32_RANGE[1]:
+    if scalars["qmin"] + levels - 1 > _INT32_MAX:
         raise UserError(f"{OP_NAME}: qmin={scalars['qmin']} with {levels} levels overflows a 32-bit integer")
     return scalars, shape
 
@@ -210,22 +202,6 @@ PLUGIN_VERSIONS: dict[str, PluginVersion] = {
 }
 
 
-def _fields_by_name(field_collection: Iterable[Any]) -> dict[str, np.ndarray]:
-    """Field arrays by name, refusing repeated names and non-integer field types (the binding hands a CHAR field as
-    an int8 array, which would otherwise pass for an integer)."""
-    by_name: dict[str, np.ndarray] = {}
-    for field in field_collection:
-        if field.name in IGNORED_FIELDS:
-            continue
-        if field.name in by_name:
-            raise UserError(f"{OP_NAME}: field {field.name!r} is given more than once")
-        if field.type.name not in _INTEGER_FIELD_TYPES:
-            raise UserError(f"{OP_NAME}: field {field.name!r} has type {field.type.name}; expected INT32 or INT64 "
-                            "integers")
-        by_name[field.name] = np.array(field.data, copy=True)
-    return by_name
-
-
 def _serialization_arrays(fields: Any) -> dict[str, np.ndarray]:
     # Shapes are serialized as INT64: the op allows any extent, and the parser may hand either width back.
     arrays = {name: np.array([getattr(fields, name)], dtype=np.int32) for name in fields.field_names
@@ -234,38 +210,17 @@ def _serialization_arrays(fields: Any) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _field_collection(trt: ModuleType, arrays: Mapping[str, np.ndarray]) -> Any:
-    """PluginFields point into ``arrays`` without owning them: the caller must keep ``arrays`` alive."""
-    types = {np.dtype(np.int32): trt.PluginFieldType.INT32, np.dtype(np.int64): trt.PluginFieldType.INT64}
-    return trt.PluginFieldCollection([trt.PluginField(name, array, types[array.dtype])
-                                      for name, array in arrays.items()])
-
-
 @lru_cache(maxsize=None)
 def plugin_classes(trt: ModuleType, version: str = PLUGIN_VERSION) -> tuple[type, type]:
     """(plugin class, creator class) of plugin ``version`` bound to the TensorRT module ``trt``."""
     field_names, parse = PLUGIN_VERSIONS[version]
 
-    class UnpackDequantizePlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild,
-                                 trt.IPluginV3OneRuntime):
+    class UnpackDequantizePlugin(plugin_base(trt)):
         def __init__(self, fields: Any) -> None:
-            trt.IPluginV3.__init__(self)
-            trt.IPluginV3OneCore.__init__(self)
-            trt.IPluginV3OneBuild.__init__(self)
-            trt.IPluginV3OneRuntime.__init__(self)
-            self.fields = fields
-            self.plugin_name = OP_NAME
-            self.plugin_namespace = PLUGIN_NAMESPACE
-            self.plugin_version = version
-            self.num_outputs = 1
-            # Every instance with the same I/O shapes times the same: one cache entry for all of them.
-            self.timing_cache_id = ""
+            super().__init__(OP_NAME, version, fields)
 
-        def get_capability_interface(self, capability_type: Any) -> Any:
-            return self
-
-        def clone(self) -> "UnpackDequantizePlugin":
-            return UnpackDequantizePlugin(self.fields)
+        def serialization_arrays(self) -> dict[str, np.ndarray]:
+            return _serialization_arrays(self.fields)
 
         def get_output_data_types(self, input_types: Any) -> list[Any]:
             return [trt.DataType.FLOAT]
@@ -295,68 +250,25 @@ def plugin_classes(trt: ModuleType, version: str = PLUGIN_VERSION) -> tuple[type
         def on_shape_change(self, inputs: Any, outputs: Any) -> None:
             _check_io(self.fields, [tuple(i.dims) for i in inputs], len(outputs))
 
-        def get_workspace_size(self, inputs: Any, outputs: Any) -> int:
-            return 0
-
-        def get_valid_tactics(self) -> list[int]:
-            return []
-
-        def set_tactic(self, tactic: int) -> None:
-            pass
-
-        def attach_to_context(self, context: Any) -> "UnpackDequantizePlugin":
-            # The CUDA library is found (and, from a source checkout, built) here, when an execution context is
-            # created -- never inside enqueue, which runs per layer per inference.
-            from .kernels import load_kernel_library  # lazy: only an engine run needs the CUDA library
-
-            attached = self.clone()
-            attached.library = load_kernel_library()
-            return attached
-
-        def get_fields_to_serialize(self) -> Any:
-            # The binding keeps raw pointers into the numpy buffers: they must outlive this call, so they live on self.
-            self._serialized_arrays = _serialization_arrays(self.fields)
-            return _field_collection(trt, self._serialized_arrays)
-
         def enqueue(self, input_desc: Any, output_desc: Any, inputs: Any, outputs: Any, workspace: int,
                     stream: int) -> None:
-            library = getattr(self, "library", None)
-            if library is None:
-                raise RuntimeError("lowbit::UnpackDequantize enqueued before attach_to_context loaded its CUDA library")
-            self.fields.launch(library, int(inputs[0]), int(inputs[1]), int(outputs[0]), int(stream))
+            self.fields.launch(self.attached_library(), int(inputs[0]), int(inputs[1]), int(outputs[0]), int(stream))
 
-    class UnpackDequantizeCreator(trt.IPluginCreatorV3One):
-        def __init__(self) -> None:
-            trt.IPluginCreatorV3One.__init__(self)
-            self.name = OP_NAME
-            self.plugin_namespace = PLUGIN_NAMESPACE
-            self.plugin_version = version
-            # Empty arrays kept on self: PluginField stores a pointer to them, not a reference.
-            self._field_arrays = {name: np.array([], dtype=np.int32) for name in field_names}
-            self.field_names = _field_collection(trt, self._field_arrays)
-
-        def create_plugin(self, name: str, field_collection: Any, phase: Any) -> UnpackDequantizePlugin:
-            return UnpackDequantizePlugin(parse(_fields_by_name(field_collection)))
-
-    return UnpackDequantizePlugin, UnpackDequantizeCreator
+    creator = creator_class(trt, OP_NAME, version, field_names, lambda fields: UnpackDequantizePlugin(parse(fields)))
+    return UnpackDequantizePlugin, creator
 
 
 def register_plugins(trt: ModuleType | None = None) -> dict[str, Any]:
-    """Register one creator per plugin version with ``trt``'s plugin registry (once per module) and return them by
-    version; the module keeps references so the registry's pointers stay valid."""
+    """Register every lowbit Python creator with ``trt``'s plugin registry (once per module): one UnpackDequantize
+    creator per plugin version, and QuantizeDequantizeActivation v1 (engines/activation_plugin.py). Returns the
+    UnpackDequantize creators by version; the creators are kept referenced so the registry's pointers stay valid."""
     if trt is None:
         from .tensorrt_import import import_tensorrt
 
         trt = import_tensorrt()
-    registry = trt.get_plugin_registry()
-    for version in PLUGIN_VERSIONS:
-        key = (trt.__name__, version)
-        if key in _registered:
-            continue
-        _, creator_class = plugin_classes(trt, version)
-        existing = registry.get_creator(OP_NAME, version, PLUGIN_NAMESPACE)
-        creator = creator_class() if existing is None else existing
-        if existing is None and not registry.register_creator(creator, PLUGIN_NAMESPACE):
-            raise RuntimeError(f"registering the {PLUGIN_NAMESPACE}::{OP_NAME} v{version} creator failed")
-        _registered[key] = creator
-    return {version: _registered[(trt.__name__, version)] for version in PLUGIN_VERSIONS}
+    from .activation_plugin import register_activation_plugin
+
+    creators = {version: register_creator(trt, OP_NAME, version, plugin_classes(trt, version)[1])
+                for version in PLUGIN_VERSIONS}
+    register_activation_plugin(trt)
+    return creators

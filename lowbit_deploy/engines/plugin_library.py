@@ -1,5 +1,5 @@
-"""Which ``lowbit::UnpackDequantize`` creators a process registers: the C++ plugin library (default) or the Python
-plugin (fallback).
+"""Which lowbit creators (``UnpackDequantize`` v1/v2, ``QuantizeDequantizeActivation`` v1) a process registers: the
+C++ plugin library (default) or the Python plugins (fallback).
 
 The C++ library (plugins/, built by CMake into ``plugins/build/liblowbit_plugins_trt<major>.so``) is what C++ apps
 load too, so engines built with it need no Python at inference. It only works with the TensorRT family whose headers
@@ -102,8 +102,8 @@ def check_plugin_library(backend: TensorRTBackend, path: str | os.PathLike[str] 
 
 def use_plugins(backend: TensorRTBackend, kind: str = DEFAULT_PLUGIN,
                 library_path: str | os.PathLike[str] | None = None) -> PluginLibrary | None:
-    """Register the ``kind`` ("cpp" or "python") UnpackDequantize creators (v1 and v2) with ``backend``'s plugin
-    registry and return the C++ library used (None for "python").
+    """Register the ``kind`` ("cpp" or "python") lowbit creators (UnpackDequantize v1 and v2,
+    QuantizeDequantizeActivation v1) with ``backend``'s plugin registry and return the C++ library used (None for "python").
 
     Python creators are deregistered before the C++ library is loaded. The reverse is refused: TensorRT-RTX 1.7
     cannot unload a plugin library safely (``deregister_library`` leaves dangling creators: the next registry
@@ -136,12 +136,7 @@ def use_plugins(backend: TensorRTBackend, kind: str = DEFAULT_PLUGIN,
 
 
 def _deregister_python_creators(trt: ModuleType) -> None:
-    from . import plugin
+    from .plugin_common import deregister_creators
 
-    registry = trt.get_plugin_registry()
     _active.pop(trt.__name__, None)
-    for version in plugin.PLUGIN_VERSIONS:
-        creator = plugin._registered.pop((trt.__name__, version), None)
-        if creator is not None and not registry.deregister_creator(creator):
-            raise UserError(f"could not deregister the Python {plugin.OP_NAME} v{version} creator before loading the "
-                            "C++ plugin library; use a fresh process")
+    deregister_creators(trt)

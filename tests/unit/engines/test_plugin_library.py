@@ -83,8 +83,8 @@ def test_header_limits_match_the_python_plugin() -> None:
     text = FIELDS_HEADER.read_text()
     assert "kMAX_RANK = nvinfer1::Dims::MAX_DIMS" in text and plugin.MAX_RANK == 8
     assert "kMAX_WEIGHT_ELEMENTS = int64_t{1} << 48" in text and plugin.MAX_WEIGHT_ELEMENTS == 2**48
-    ignored = re.search(r"kIGNORED_FIELDS\[\] = \{(.*?)\};", (FIELDS_HEADER.parent / "unpackDequantizeFields.cpp")
-                        .read_text()).group(1)
+    shared_fields = plugin_library.PLUGINS_DIR / "common" / "pluginFields.cpp"  # the C++ twin of plugin_common.py
+    ignored = re.search(r"kIGNORED_FIELDS\[\] = \{(.*?)\};", shared_fields.read_text()).group(1)
     assert re.findall(r'"(\w+)"', ignored) == list(plugin.IGNORED_FIELDS)
 
 
