@@ -19,6 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from ..errors import UserError
 from ..io import atomic_path
+from .activation_plugin import OP_NAME as ACTIVATION_OP_NAME
 from .plugin import OP_NAME, PLUGIN_NAMESPACE
 from .plugin_library import DEFAULT_PLUGIN, PLUGIN_KINDS, check_plugin_library, use_plugins
 from .tensorrt_import import TensorRTBackend, tensorrt_backend
@@ -45,6 +46,7 @@ class BuildReport:
     build_seconds: float
     plugin: str = DEFAULT_PLUGIN  # which UnpackDequantize creators built it: "cpp" (the C++ library) or "python"
     plugin_library: str | None = None  # path of the C++ library, None for the Python plugin
+    activation_layers: int = 0  # layers that run lowbit::QuantizeDequantizeActivation (per-step activation Q/DQ)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,12 +71,12 @@ def _polygraphy_for(backend: TensorRTBackend) -> Any:
     return polygraphy_config
 
 
-def _is_lowbit_plugin_layer(trt: Any, layer: Any) -> bool:
+def _is_lowbit_plugin_layer(trt: Any, layer: Any, op_name: str = OP_NAME) -> bool:
     if layer.type != trt.LayerType.PLUGIN_V3:
         return False
     layer.__class__ = trt.IPluginV3Layer  # get_layer() returns the ILayer base; the cast exposes .plugin
     core = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
-    return (getattr(core, "plugin_name", None) == OP_NAME
+    return (getattr(core, "plugin_name", None) == op_name
             and getattr(core, "plugin_namespace", None) == PLUGIN_NAMESPACE)
 
 
@@ -88,6 +90,12 @@ def count_plugin_layers(network: Any, trt: Any | None = None, plugin: str = DEFA
         return count_plugin_layers(parsed, backend.module)
     trt = trt or tensorrt_backend().module
     return sum(_is_lowbit_plugin_layer(trt, network.get_layer(i)) for i in range(network.num_layers))
+
+
+def count_activation_layers(network: Any, trt: Any) -> int:
+    """Number of ``lowbit::QuantizeDequantizeActivation`` plugin layers in a parsed ``INetworkDefinition``."""
+    return sum(_is_lowbit_plugin_layer(trt, network.get_layer(i), ACTIVATION_OP_NAME)
+               for i in range(network.num_layers))
 
 
 def _parse_onnx(onnx_path: Path, backend: TensorRTBackend, plugin: str) -> tuple[Any, Any, Any]:
@@ -198,7 +206,7 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
                  input_shapes: Mapping[str, ShapeRange] | None = None, plugin: str = DEFAULT_PLUGIN) -> BuildReport:
     """Parse ``onnx_path`` with the lowbit plugins registered, build and write the serialized engine.
 
-    ``plugin`` picks the UnpackDequantize creators: "cpp" (default: the C++ library that C++ apps load too; a
+    ``plugin`` picks the lowbit creators (UnpackDequantize, QuantizeDequantizeActivation): "cpp" (default: the C++ library that C++ apps load too; a
     missing, stale or wrong-family library is a UserError naming the fix, raised before anything is parsed) or
     "python" (the Python IPluginV3: engines are byte-identical, but running them needs lowbit_deploy).
     ``compute_capabilities`` are the ahead-of-time targets of TensorRT-RTX (ignored by full TensorRT, which builds
@@ -216,6 +224,7 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     start = time.perf_counter()
     builder, network, parser = _parse_onnx(onnx_path, chosen, plugin)
     plugin_layers = count_plugin_layers(network, chosen.module)
+    activation_layers = count_activation_layers(network, chosen.module)
     config = _create_config(chosen, compute_capabilities, fp16, workspace_bytes, input_shapes)
     from polygraphy.backend.trt import EngineBytesFromNetwork
     from polygraphy.exception import PolygraphyException
@@ -236,7 +245,8 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
         engine_bytes=len(payload), plugin_layers=plugin_layers, total_layers=network.num_layers,
         compute_capabilities=[f"{major}.{minor}" for major, minor in compute_capabilities] if chosen.is_rtx
         else ["current"], fp16=fp16, build_seconds=round(seconds, 3), plugin=plugin,
-        plugin_library=str(library.path) if library else None, warnings=warnings)
+        plugin_library=str(library.path) if library else None, activation_layers=activation_layers,
+        warnings=warnings)
     logger.info("built %s: %d bytes, %d plugin layers (%s plugin) in %.2fs", engine_path, report.engine_bytes,
                 plugin_layers, plugin, seconds)
     return report

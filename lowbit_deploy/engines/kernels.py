@@ -333,8 +333,9 @@ def quantize_dequantize_activation_host(x: np.ndarray, scale: np.ndarray, step_i
     """lowbit::QuantizeDequantizeActivation by the C++ host path (same per-element function as the CUDA kernel).
     Arrays must already have the op's dtypes (float32, int64); an out-of-range step index gives NaN for that
     sample, as the kernel (the numpy reference raises instead)."""
-    arrays = [np.ascontiguousarray(a) for a in (x, scale, step_index)]
-    zero = None if zero_point is None else np.ascontiguousarray(zero_point)
+    # np.require keeps a 0-d x 0-d (ascontiguousarray would make it 1-d), so it is refused for its rank.
+    arrays = [np.require(a, requirements="C") for a in (x, scale, step_index)]
+    zero = None if zero_point is None else np.require(zero_point, requirements="C")
     x, scale, step_index = arrays
     _check_activation_arguments(x.shape, [a.dtype for a in arrays] + [np.float32 if zero is None else zero.dtype],
                                 step_index.size, scale.size, None if zero is None else zero.size, qmin, qmax)

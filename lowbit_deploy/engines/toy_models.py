@@ -1,4 +1,5 @@
-"""Tiny ONNX models with ``lowbit::UnpackDequantize`` nodes, for build tests and smoke checks of a TensorRT install.
+"""Tiny ONNX models with ``lowbit::UnpackDequantize`` and ``lowbit::QuantizeDequantizeActivation`` nodes, for build
+tests and smoke checks of a TensorRT install.
 
 Built by hand with ``onnx.helper`` so the build stage can be tested without the export stage. Each weight gets the
 node and model-local function the export stage emits (lowbit_deploy/export/lowbit_ops.py), so the file also runs
@@ -69,4 +70,33 @@ def plain_conv_model(weights: list[PackedWeight], input_shape: tuple[int, int, i
     graph.initializer.extend(dense)
     del model.functions[:]
     del model.opset_import[1:]
+    return model
+
+
+def activation_model(input_shape: tuple[int, ...], steps: int, qmin: int, qmax: int, with_zero_point: bool,
+                     rng: np.random.Generator, dynamic_batch: bool = False) -> onnx.ModelProto:
+    """x, step_index -> Relu -> ``lowbit::QuantizeDequantizeActivation`` (scale [steps], optional zero point as
+    initializers) -> y: the node as engines/activation_plugin.node_attributes describes it, without the export
+    stage's local function (only TensorRT runs this model)."""
+    from .activation_plugin import OP_NAME, node_attributes
+
+    batch = "batch" if dynamic_batch else input_shape[0]
+    scale = (rng.random(steps) * 0.2 + 0.01).astype(np.float32)
+    initializers = [numpy_helper.from_array(scale, "act.scale")]
+    inputs = ["relu", "act.scale", "step_index"]
+    if with_zero_point:
+        zero_point = rng.integers(qmin, qmax + 1, size=steps).astype(np.float32)
+        initializers.append(numpy_helper.from_array(zero_point, "act.zero_point"))
+        inputs.append("act.zero_point")
+    nodes = [helper.make_node("Relu", ["x"], ["relu"], name="relu"),
+             helper.make_node(OP_NAME, inputs, ["y"], name="act.qdq", domain="lowbit",
+                              **node_attributes(qmin, qmax))]
+    shape = [batch, *input_shape[1:]]
+    graph = helper.make_graph(
+        nodes, "lowbit_activation_toy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape),
+         helper.make_tensor_value_info("step_index", TensorProto.INT64, [batch])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid("lowbit", 1)])
+    model.ir_version = IR_VERSION
     return model

@@ -11,10 +11,11 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def build_in_fresh_process(kind: str, onnx_path: Path, engine_path: Path) -> dict:
-    """build_engine(..., plugin=kind) in a new interpreter (a process that loaded the C++ library keeps it): the
-    worker's JSON result plus its TensorRT log under "log"."""
-    result = subprocess.run([sys.executable, str(HERE / "build_worker.py"), kind, str(onnx_path), str(engine_path)],
-                            capture_output=True, text=True, timeout=300)
+def build_in_fresh_process(kind: str, onnx_path: Path, engine_path: Path, input_shapes: dict | None = None) -> dict:
+    """build_engine(..., plugin=kind, input_shapes=...) in a new interpreter (a process that loaded the C++ library
+    keeps it): the worker's JSON result plus its TensorRT log under "log"."""
+    shapes = [json.dumps(input_shapes)] if input_shapes else []
+    result = subprocess.run([sys.executable, str(HERE / "build_worker.py"), kind, str(onnx_path), str(engine_path),
+                             *shapes], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"the {kind} build process died ({result.returncode}): {result.stderr[-3000:]}"
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "log": result.stdout + result.stderr}

@@ -95,7 +95,9 @@ def _collection(trt, fields: list) -> tuple[object, list]:
     return trt.PluginFieldCollection(plugin_fields), arrays  # PluginField does not own its buffer
 
 
-def main(kind: str) -> None:
+def run_cases(kind: str, op_name: str, cases: dict[str, tuple[str, list]]) -> None:
+    """Drive every case through the ``kind`` registry creator of ``op_name`` (its version per case), one JSON line
+    each (also used by activation_fuzz_cases.py)."""
     from lowbit_deploy.engines.plugin_library import use_plugins
     from lowbit_deploy.engines.tensorrt_import import tensorrt_backend
     from lowbit_deploy.errors import UserError
@@ -116,8 +118,8 @@ def main(kind: str) -> None:
     builder = trt.Builder(logger)  # the library's ILoggerFinder answers with this builder's logger
     use_plugins(backend, kind)
     registry = trt.get_plugin_registry()
-    for name, (version, fields) in CASES.items():
-        creator = registry.get_creator("UnpackDequantize", version, "lowbit")
+    for name, (version, fields) in cases.items():
+        creator = registry.get_creator(op_name, version, "lowbit")
         collection, keep_alive = _collection(trt, fields)
         errors_before = len(logger.errors)
         try:
@@ -132,4 +134,4 @@ def main(kind: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run_cases(sys.argv[1], "UnpackDequantize", CASES)
