@@ -203,7 +203,8 @@ def test_without_a_gpu_the_app_stops_cleanly_after_loading_the_plugin_library(ap
     inputs = _make_inputs(run, tmp_path / "inputs")
     result = _run(app, run / "model.engine", cpp_plugin_library.path, inputs, tmp_path / "out")
     _assert_clean_failure(result, EXIT_NO_GPU, "no usable CUDA GPU", "compute capability")
-    assert "plugin library: " in result.stdout and "(2 plugin creators registered)" in result.stdout
+    # UnpackDequantize v1 and v2, QuantizeDequantizeActivation v1.
+    assert "plugin library: " in result.stdout and "(3 plugin creators registered)" in result.stdout
     assert "TensorRT library 1." in result.stdout
     assert not (tmp_path / "out").exists()
 

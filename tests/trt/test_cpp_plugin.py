@@ -3,17 +3,15 @@ plugin's, malformed fields refused by both creators alike, short inputs refused 
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from fresh_process import build_in_fresh_process
+from fresh_process import build_in_fresh_process, creator_verdicts
 from onnx import numpy_helper
 
 from lowbit_deploy.engines.tensorrt_import import tensorrt_importable
@@ -25,7 +23,6 @@ pytestmark = [
                        reason="tensorrt_rtx is not installed (pip install 'lowbit-deploy[tensorrt-rtx]')"),
 ]
 
-HERE = Path(__file__).parent
 CHAINS = {
     "v1": [((8, 8, 3, 3), 3, PackingFormat.INT8_WORDS), ((8, 8, 3, 3), 17, PackingFormat.INT32_WORDS),
            ((4, 8, 1, 1), 4, PackingFormat.INT8_WORDS)],
@@ -105,22 +102,9 @@ def test_malformed_fields_are_refused_by_both_creators(cpp_plugin_library) -> No
     """At least 30 malformed field collections through each registry creator's create_plugin: every one refused
     (C++: None plus an error through TensorRT's logger; Python: UserError), the process survives, and both creators
     agree on every case, controls included."""
-    verdicts = {}
-    for kind in ("cpp", "python"):
-        result = subprocess.run([sys.executable, str(HERE / "plugin_fuzz_cases.py"), kind], capture_output=True,
-                                text=True, timeout=300)
-        lines = [json.loads(line) for line in result.stdout.splitlines()]
-        last = lines[-1]["case"] if lines else "before the first case"
-        assert result.returncode == 0, f"{kind} creator process died after {last!r}: {result.stderr[-2000:]}"
-        verdicts[kind] = {line["case"]: line for line in lines}
     from plugin_fuzz_cases import CASES
 
+    verdicts = creator_verdicts("plugin_fuzz_cases.py", CASES)
     malformed = [case for case in CASES if not case.startswith("valid:")]
     assert len(malformed) >= 30
-    for kind, cases in verdicts.items():
-        assert list(cases) == list(CASES), kind
-        wrong = [c for c in CASES if cases[c]["verdict"] != ("accepted" if c.startswith("valid:") else "refused")]
-        assert wrong == [], (kind, wrong)
-        silent = [c for c in malformed if not cases[c]["message"]]
-        assert silent == [], (kind, "refused without an error message", silent)
     assert all("lowbit::UnpackDequantize" in verdicts["cpp"][c]["message"] for c in malformed)
