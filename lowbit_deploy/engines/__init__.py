@@ -1,4 +1,5 @@
-"""Build stage: CUDA kernel library, the TensorRT ``lowbit::UnpackDequantize`` plugins (v1, v2), and engine builds.
+"""Build stage: CUDA kernel library, the TensorRT plugins ``lowbit::UnpackDequantize`` (v1, v2) and
+``lowbit::QuantizeDequantizeActivation`` (v1), and engine builds.
 
 Importing this package is cheap: TensorRT, Polygraphy and the CUDA library load only when a function needs them.
 Public names are resolved lazily from the submodules listed below.
@@ -19,6 +20,12 @@ _EXPORTS = {
     "unpack_dequantize_cuda": "kernels",
     "unpack_dequantize_bitstream_host": "kernels",
     "unpack_dequantize_bitstream_cuda": "kernels",
+    "quantize_dequantize_activation_host": "kernels",
+    "quantize_dequantize_activation_cuda": "kernels",
+    "ActivationFields": "activation_plugin",
+    "node_attributes": "activation_plugin",
+    "parse_activation_fields": "activation_plugin",
+    "register_activation_plugin": "activation_plugin",
     "register_plugins": "plugin",
     "check_plugin_library": "plugin_library",
     "use_plugins": "plugin_library",
