@@ -6,7 +6,13 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
 class TimestepSampling(str, Enum):
@@ -20,6 +26,7 @@ class TimestepSampling(str, Enum):
 class LrSchedule(str, Enum):
     CONSTANT = "constant"
     COSINE = "cosine"  # lr * (1 + cos(pi * k / steps)) / 2 at step k of the stage: decays to ~0 by its end
+    LINEAR = "linear"  # lr * (1 - k / steps): EfficientDM's linear decay without warm-up
 
 
 class DataSource(str, Enum):
@@ -33,6 +40,8 @@ class StageKind(str, Enum):
 
     DISTILL = "distill"  # Stage I: match the float teacher's noise prediction (and its block outputs)
     NOISE = "noise"      # Stage II: predict the true noise added to real data
+    # EfficientDM: data-free distillation along the float teacher's own sampling trajectories (CFG-combined outputs)
+    TRAJECTORY = "trajectory"
 
 
 LossKind = Literal["mse", "l1"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from .errors import UserError
 from .recipe_types import (  # noqa: F401 -- re-exported: the recipe's value types are used as recipes.X
@@ -23,17 +23,16 @@ from .recipe_types import (  # noqa: F401 -- re-exported: the recipe's value typ
     StageKind,
     TimestepSampling,
     _BetaParameter,
+    _Strict,
     _Probability,
     _Rate,
 )
+from .recipe_efficientdm import ActivationSection, LoraSection
+from .quant.activation_grid import MAX_ACTIVATION_BITS, MIN_ACTIVATION_BITS
 from .quant.grids import MAX_BITS, MIN_BITS, GridKind, IntegerGrid, ScaleInit
 from .quant.plan import WeightExport, export_problem
 
 RECIPE_VERSION = 1
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
 
 
 class LayerRule(_Strict):
@@ -47,11 +46,18 @@ class LayerRule(_Strict):
     cache: bool = False
     export: WeightExport = Field(WeightExport.PACKED, description="how quantized weights are stored: `packed` "
                                  "(lowbit plugin) or `native_int4` (INT4 DequantizeLinear; bits 4, grid signed)")
+    act_bits: Optional[Annotated[int, Field(ge=MIN_ACTIVATION_BITS, le=MAX_ACTIVATION_BITS)]] = Field(
+        None, description="quantize the layer's input activation to this many bits (EfficientDM); null: float")
+    act_per_step: bool = Field(True, description="one learned activation scale per denoising step (TALSQ, selected "
+                                                 "by step index); false: one scale for all steps")
 
     @model_validator(mode="after")
     def _bits_or_float(self) -> "LayerRule":
         if [self.bits is not None, self.keep_float, self.cache].count(True) != 1:
             raise ValueError(f"rule {self.pattern!r}: give exactly one of `bits`, `keep_float: true`, `cache: true`")
+        if self.act_bits is not None and self.bits is None:
+            raise ValueError(f"rule {self.pattern!r}: `act_bits` quantizes the input of a quantized layer; give "
+                             f"`bits` too, or drop `act_bits`")
         if self.bits == 1 and self.grid is GridKind.SIGNED:
             raise ValueError(f"rule {self.pattern!r}: a signed 1-bit grid is {{-1, 0}} and zeroes every positive "
                              f"weight; use `grid: balanced` ({{-1, 0, 1}}) for 1 bit")
@@ -76,6 +82,7 @@ class QuantizeSection(_Strict):
                                                   "recipe); it decides every layer and replaces `layers`")
     scale_init: ScaleInit = ScaleInit.ALTERNATING
     scale_init_iterations: Annotated[int, Field(ge=0, le=1000)] = 10
+    activations: ActivationSection = ActivationSection()
 
     @model_validator(mode="after")
     def _rules_or_plan(self) -> "QuantizeSection":
@@ -104,8 +111,9 @@ SINGLE_STAGE_STEPS = 300
 SINGLE_STAGE_LOSS = "mse"
 # Defaults of an explicit stage, by kind: BitsFusion's Stage I is |eps_fp - eps_q| + 0.01 * L_feat; Stage II is
 # the plain (squared-error) diffusion loss.
-STAGE_LOSS = {StageKind.DISTILL: "l1", StageKind.NOISE: "mse"}
+STAGE_LOSS = {StageKind.DISTILL: "l1", StageKind.NOISE: "mse", StageKind.TRAJECTORY: "mse"}
 FEATURE_WEIGHT = 0.01
+TRAJECTORY_GUIDANCE = 3.0  # the validate sampler's default, so training follows the trajectories that are judged
 
 
 class TrainStage(_Strict):
@@ -124,12 +132,17 @@ class TrainStage(_Strict):
     beta_beta: Optional[_BetaParameter] = None
     condition_drop_prob: Optional[_Probability] = None
     data: Optional[DataSource] = None
+    guidance_scale: Optional[Annotated[float, Field(ge=1)]] = Field(
+        None, description=f"trajectory only: classifier-free guidance of the teacher's sampler (null = "
+                          f"{TRAJECTORY_GUIDANCE})")
 
     @model_validator(mode="after")
-    def _features_need_a_teacher(self) -> "TrainStage":
-        if self.kind is StageKind.NOISE and self.feature_weight is not None:
-            raise ValueError("feature_weight applies to `distill` stages only (a `noise` stage has no teacher whose "
-                             "block outputs it could match); remove it from this stage")
+    def _kind_specific_keys(self) -> "TrainStage":
+        if self.kind is not StageKind.DISTILL and self.feature_weight is not None:
+            raise ValueError(f"feature_weight applies to `distill` stages only (a `{self.kind.value}` stage does not "
+                             f"match block outputs); remove it from this stage")
+        if self.kind is not StageKind.TRAJECTORY and self.guidance_scale is not None:
+            raise ValueError("guidance_scale applies to `trajectory` stages only; remove it from this stage")
         return self
 
 
@@ -152,6 +165,7 @@ class TrainSection(_Strict):
     checkpoint_every: Annotated[int, Field(ge=1)] = 100
     threads: Optional[Annotated[int, Field(ge=1)]] = None
     stages: Optional[Annotated[list[TrainStage], Field(min_length=1)]] = None
+    lora: Optional[LoraSection] = Field(None, description="EfficientDM's QALoRA; null: every weight trains")
 
     @model_validator(mode="after")
     def _stages_own_steps_and_loss(self) -> "TrainSection":

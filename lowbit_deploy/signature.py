@@ -219,8 +219,9 @@ def signature_for(unet, seq_len: int, step_timesteps: Sequence[int] = (), schedu
 
 def deployed_signature(unet, seq_len: int, plan, scheduler_config: dict, schedule) -> DeployedSignature:
     """The signature ``unet`` is deployed with under ``plan``: a step index into ``schedule`` (a recipe's
-    :class:`~lowbit_deploy.recipes.ScheduleSection`) when the plan caches time features, else a float timestep."""
-    if not plan.caches_time:
+    :class:`~lowbit_deploy.recipes.ScheduleSection`) when the plan caches time features or selects activation
+    scales per step, else a float timestep."""
+    if not plan.needs_step_index:
         return signature_for(unet, seq_len)
     from .validate.sampling import schedule_timesteps
 

@@ -5,8 +5,8 @@ is traced from; the tracer itself never looks at layers. A quantized layer becom
 weight is produced by ``lowbit::UnpackDequantize`` from packed words + fp16 scales (one autograd Function carries both
 the torch value and the ONNX emission, so they cannot drift); cached time layers become step-index table lookups;
 float layers stay. Quantized layers are rewritten by their plan's weight export (:data:`QUANTIZED_EXPORTS`): packed
-(the plugin) or native INT4 (:mod:`.native_int4`: a standard INT4 ``DequantizeLinear``). New kinds of layers
-(activation quantize-dequantize, LoRA merge) register here.
+(the plugin) or native INT4 (:mod:`.native_int4`: a standard INT4 ``DequantizeLinear``); LoRA is merged into the weight first and a quantized
+input activation becomes a :class:`~.activation_ops.DeployedActivationQuantizer` (its stored tables).
 
 Every handler also names its *tap*: the module whose output per-layer bisection compares across backends.
 """
@@ -23,13 +23,14 @@ from torch import nn
 
 from ..errors import UserError
 from ..quant.apply import quantized_layers
-from ..quant.fake_quant import QUANTIZABLE_LAYERS, QuantizedLayer, reclassed
+from ..quant.fake_quant import QUANTIZABLE_LAYERS, QuantizedLayer, quantized_input, reclassed
 from ..quant.packing import PackingFormat, best_format
 from ..quant.plan import LayerDecision, LayerRole, QuantPlan, WeightExport
 from ..signature import DeployedSignature
+from .activation_ops import DeployedActivationQuantizer
 from .lowbit_ops import PackedWeight, node_spec
 from .native_int4 import native_int4_layer
-from .time_cache import compute_time_tables, install_time_cache
+from .time_cache import compute_time_tables, deployed_step_context, install_time_cache
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,12 @@ class PackedLayer(nn.Module):
 
 class PackedConv2d(nn.Conv2d, PackedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.unpacked_weight(), self.bias)
+        return self._conv_forward(quantized_input(self, x), self.unpacked_weight(), self.bias)
 
 
 class PackedLinear(nn.Linear, PackedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.unpacked_weight(), self.bias)
+        return F.linear(quantized_input(self, x), self.unpacked_weight(), self.bias)
 
 
 PACKED_LAYERS: dict[type[nn.Module], type[PackedLayer]] = {nn.Conv2d: PackedConv2d, nn.Linear: PackedLinear}
@@ -95,7 +96,7 @@ def packed_weight_of(name: str, layer: QuantizedLayer, packing: str) -> PackedWe
     quantizer = layer.weight_quantizer
     grid = quantizer.grid
     fmt = best_format(grid.levels) if packing == "auto" else PackingFormat(packing)
-    q = quantizer.integer_weight(layer.weight).numpy()
+    q = quantizer.integer_weight(layer.latent_weight()).numpy()
     scale16 = quantizer.deployed_scale().numpy().astype(np.float16)
     try:
         return PackedWeight.from_integers(name, q, grid.qmin, grid.levels, scale16, fmt)
@@ -134,8 +135,14 @@ QUANTIZED_EXPORTS: dict[WeightExport, Callable[[str, QuantizedLayer, ExportOptio
 }
 
 
+# What a trained layer carries that its deployed twin replaces or drops: LoRA is merged (latent_weight), the trained
+# activation quantizer becomes its stored tables.
+_TRAINING_ONLY_MODULES = ("lora", "input_quantizer")
+
+
 def _export_quantized(unet, decisions, plan, signature, options) -> None:
     layers = quantized_layers(unet)
+    context = deployed_step_context(unet, signature)
     for decision in decisions:
         if decision.name not in layers:
             raise UserError(f"layer {decision.name} is quantized in the plan but not in the model; the checkpoint "
@@ -143,7 +150,13 @@ def _export_quantized(unet, decisions, plan, signature, options) -> None:
         parent_name, _, child = decision.name.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
         # pop: the trained fp32 weight is freed as soon as its deployed twin replaces it (peak memory at SD scale).
-        twin = QUANTIZED_EXPORTS[decision.export](decision.name, layers.pop(decision.name), options)
+        trained = layers.pop(decision.name)
+        twin = QUANTIZED_EXPORTS[decision.export](decision.name, trained, options)
+        for name in _TRAINING_ONLY_MODULES:
+            twin._modules.pop(name, None)
+        activation = trained._modules.get("input_quantizer")
+        if activation is not None:
+            twin.input_quantizer = DeployedActivationQuantizer(activation, context)
         setattr(parent, child, twin)
 
 

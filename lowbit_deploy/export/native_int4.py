@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
-from ..quant.fake_quant import QUANTIZABLE_LAYERS, QuantizedLayer, reclassed
+from ..quant.fake_quant import QUANTIZABLE_LAYERS, QuantizedLayer, quantized_input, reclassed
 from ..quant.plan import EXPORT_GRID, NATIVE_INT4_MIN_BLOCK, WeightExport
 
 NATIVE_INT4_OPSET = 21
@@ -103,7 +103,7 @@ class NativeInt4Conv2d(nn.Conv2d, NativeInt4Layer):
         return q, scale, {"axis": 0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.decoded_weight(), self.bias)
+        return self._conv_forward(quantized_input(self, x), self.decoded_weight(), self.bias)
 
 
 class NativeInt4Linear(nn.Linear, NativeInt4Layer):
@@ -113,7 +113,7 @@ class NativeInt4Linear(nn.Linear, NativeInt4Layer):
         return q, scale[:, None].repeat(1, q.shape[1] // block), {"axis": 1, "block_size": block}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.decoded_weight(), self.bias)
+        return F.linear(quantized_input(self, x), self.decoded_weight(), self.bias)
 
 
 NATIVE_INT4_LAYERS: dict[type[nn.Module], type[NativeInt4Layer]] = {nn.Conv2d: NativeInt4Conv2d,
@@ -127,7 +127,7 @@ def native_int4_layer(name: str, layer: QuantizedLayer) -> NativeInt4Layer:
         raise UserError(f"layer {name} was trained on the {quantizer.grid.describe()}; native INT4 stores only the "
                         f"{_INT4.describe()} - the checkpoint and its plan disagree, re-run training")
     float_type = next(base for base in type(layer).__mro__[1:] if base in QUANTIZABLE_LAYERS)
-    q = quantizer.integer_weight(layer.weight).to(torch.int8)
+    q = quantizer.integer_weight(layer.latent_weight()).to(torch.int8)
     scale = quantizer.deployed_scale()  # float32 holding the fp16 scale exactly (see the module docstring)
     module_type = NATIVE_INT4_LAYERS[float_type]
     codes, stored_scale, attributes = module_type.layout(q, scale)

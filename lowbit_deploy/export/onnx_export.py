@@ -23,13 +23,15 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_path, remove_stale_temporaries, update_report
+from ..quant.activation import StepTracking
 from ..quant.apply import quantized_layers
 from ..quant.fake_quant import deployed_float_layer
 from ..runtime.ort import METADATA_SIGNATURE
 from ..signature import DeployedSignature, signature_for
 from .deployed import DeployedUNet, deploy_unet
 from .handlers import ExportOptions
-from .lowbit_ops import OP_DOMAIN, attach_function
+from .activation_ops import ACTIVATION_OP_TYPE, attach_activation_function
+from .lowbit_ops import OP_DOMAIN, OP_TYPE, attach_function
 from .native_int4 import NATIVE_INT4_OPSET, TRACE_OPSET, finalize_native_int4, int4_storage, native_int4_layers
 
 # ONNX Runtime 1.31 rejects IR versions above 13 and TensorRT's parser lags further; 10 is read by all of them.
@@ -57,6 +59,8 @@ class ExportReport:
     native_int4_weights: int = 0
     native_int4_bytes: int = 0        # INT4 codes + float32 scales as stored
     native_int4_bytes_per_weight: float | None = None
+    activation_nodes: int = 0         # lowbit::QuantizeDequantizeActivation (per-step tables, < 8 bits, asymmetric)
+    activation_qdq_pairs: int = 0     # standard QuantizeLinear/DequantizeLinear (one constant 8-bit scale)
 
     @property
     def size_ratio_vs_fp16(self) -> float | None:
@@ -67,8 +71,10 @@ class ExportReport:
 
 
 def deployed_float_unet(unet: nn.Module) -> nn.Module:
-    """A plain float UNet whose quantized layers hold their deployed (dequantized) weights."""
+    """A plain float UNet whose quantized layers hold their deployed (dequantized) weights (float activations)."""
     deployed = copy.deepcopy(unet)
+    if isinstance(deployed.time_proj, StepTracking):
+        deployed.time_proj = deployed.time_proj.inner
     for name, layer in quantized_layers(deployed).items():
         parent_name, _, child = name.rpartition(".")
         setattr(deployed.get_submodule(parent_name) if parent_name else deployed, child, deployed_float_layer(layer))
@@ -100,8 +106,8 @@ def trace_to_onnx(model: nn.Module, signature: DeployedSignature, path: Path, op
     return onnx.load(str(path))
 
 
-def _count_lowbit_nodes(model: onnx.ModelProto) -> int:
-    return sum(1 for node in model.graph.node if node.domain == "lowbit")
+def _count_nodes(model: onnx.ModelProto, op_type: str, domain: str = OP_DOMAIN) -> int:
+    return sum(1 for node in model.graph.node if node.domain == domain and node.op_type == op_type)
 
 
 def _save(model: onnx.ModelProto, target: Path) -> int:
@@ -127,6 +133,7 @@ def export_deployed(deployed: DeployedUNet, out_path: str | Path, *, opset: int 
     del model.opset_import[:]
     model.opset_import.extend(kept)
     attach_function(model, opset)
+    attach_activation_function(model, opset)
     model.ir_version = IR_VERSION
     onnx.helper.set_model_props(model, {METADATA_SIGNATURE: deployed.signature.to_json(),
                                         METADATA_PLAN: json.dumps(deployed.plan.summary(deployed.signature.num_steps))})
@@ -149,13 +156,15 @@ def export_onnx(unet: nn.Module, out_path: str | Path, *, plan, signature: Deplo
     quantized_weights = sum(int(np.prod(weight.shape)) for weight in packed)
     words_bytes = sum(weight.packed_words.nbytes for weight in packed)
     report = ExportReport(
-        str(out_path), out_path.stat().st_size, _count_lowbit_nodes(model),
+        str(out_path), out_path.stat().st_size, _count_nodes(model, OP_TYPE),
         max((imp.version for imp in model.opset_import if imp.domain == "lowbit"), default=0),  # 0: all native
         sum(weight.nbytes for weight in packed), quantized_weights, 8 * words_bytes / max(quantized_weights, 1),
         plan.average_bits(signature.num_steps), options.float_storage, signature.time_input.value,
         signature.num_steps * plan.cached_table_rows() if plan.caches_time else 0,
         onnx_opset=next(imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")),
-        **int4_storage(model, native_int4_layers(deployed)))
+        **int4_storage(model, native_int4_layers(deployed)),
+        activation_nodes=_count_nodes(model, ACTIVATION_OP_TYPE),
+        activation_qdq_pairs=_count_nodes(model, "QuantizeLinear", ""))
     if fp16_source is not None:
         fp16_path = Path(fp16_reference_path)
         float_signature = signature_for(fp16_source, signature.seq_len)
@@ -194,7 +203,7 @@ def _export_locked(run_dir: Path, checkpoint) -> ExportReport:
                          fp16_reference_path=run_dir / "model_fp16.onnx" if config.export_fp16_reference else None,
                          inplace=True)
     entry = {**report.to_dict(), "signature": checkpoint.signature.describe()}
-    if checkpoint.signature.step_timesteps:
+    if checkpoint.plan.caches_time:
         entry["time_cache_png"] = str(_write_time_cache_png(run_dir / "model.onnx", run_dir / "time_cache.png"))
     update_report(run_dir, "export", entry)
     return report

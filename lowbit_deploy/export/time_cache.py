@@ -20,25 +20,63 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..quant.activation import StepContext, StepTracking
 from ..quant.plan import TIME_EMBEDDING_PREFIX, LayerRole, QuantPlan
-from ..signature import DeployedSignature
+from ..signature import DeployedSignature, TimeInput
 
 EMBEDDING_TABLE = "time_embedding"
 
 
-class StepContext:
-    """The step index of the forward in progress, shared by the cached modules of one UNet (not a module: it holds
-    no state of its own and must not be registered twice)."""
-
-    def __init__(self) -> None:
-        self.index: torch.Tensor | None = None
+def _check_range(index: torch.Tensor, num_steps: int, what: str) -> None:
+    if not torch.jit.is_tracing() and index.numel() and (int(index.min()) < 0 or int(index.max()) >= num_steps):
+        raise UserError(f"step index {index.tolist()} is out of range: {what} {num_steps} steps (indexes "
+                        f"0..{num_steps - 1})")
 
 
 class StepIndexProjection(nn.Module):
-    """Stands in for ``time_proj``: the UNet's "timesteps" are step indexes, passed through unchanged."""
+    """Stands in for ``time_proj`` when time features are cached: the UNet's "timesteps" are step indexes, passed
+    through unchanged (and published for the per-step activation scales)."""
+
+    def __init__(self, context: StepContext) -> None:
+        super().__init__()
+        self.context = context
 
     def forward(self, step_index: torch.Tensor) -> torch.Tensor:
+        self.context.index = step_index.to(torch.int64)
         return step_index
+
+
+class StepIndexToTimestep(nn.Module):
+    """Stands in for ``time_proj`` of a step-index model whose time features are computed (per-step activation scales
+    without caching): publishes the index, then computes the features of the step's timestep (a float32 table
+    gather: the value the sampler feeds a timestep-input model)."""
+
+    def __init__(self, inner: nn.Module, step_timesteps: tuple[int, ...], context: StepContext) -> None:
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("step_timestep", torch.tensor(step_timesteps, dtype=torch.float32))
+        self.context = context
+
+    def forward(self, step_index: torch.Tensor) -> torch.Tensor:
+        index = step_index.to(torch.int64)
+        _check_range(index, self.step_timestep.numel(), "this model's activation scales are trained for")
+        self.context.index = index
+        return self.inner(self.step_timestep.index_select(0, index))
+
+
+def deployed_step_context(unet: nn.Module, signature: DeployedSignature) -> StepContext | None:
+    """The StepContext the deployed graph publishes its ``step_index`` input into (None for a timestep signature).
+    Caching already put a :class:`StepIndexProjection` in place; otherwise ``time_proj`` (unwrapped from training's
+    :class:`~lowbit_deploy.quant.activation.StepTracking`) is fed the step's timestep."""
+    if signature.time_input is not TimeInput.STEP_INDEX:
+        return None
+    projection = unet.time_proj
+    if isinstance(projection, (StepIndexProjection, StepIndexToTimestep)):
+        return projection.context
+    inner = projection.inner if isinstance(projection, StepTracking) else projection
+    context = StepContext()
+    unet.time_proj = StepIndexToTimestep(inner, signature.step_timesteps, context)
+    return context
 
 
 class CachedTimeEmbedding(nn.Module):
@@ -53,10 +91,7 @@ class CachedTimeEmbedding(nn.Module):
 
     def forward(self, step_index: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         index = step_index.to(torch.int64)
-        if not torch.jit.is_tracing() and index.numel() and (int(index.min()) < 0 or
-                                                             int(index.max()) >= self.num_steps):
-            raise UserError(f"step index {index.tolist()} is out of range: time features are cached for "
-                            f"{self.num_steps} steps (indexes 0..{self.num_steps - 1})")
+        _check_range(index, self.num_steps, "time features are cached for")
         self.context.index = index
         rows = index if self.has_table else torch.zeros_like(index)
         return self.table.float().index_select(0, rows)
@@ -118,7 +153,7 @@ def install_time_cache(unet: nn.Module, plan: QuantPlan, signature: DeployedSign
         return
     context = StepContext()
     width = unet.time_embedding.linear_2.out_features
-    unet.time_proj = StepIndexProjection()
+    unet.time_proj = StepIndexProjection(context)
     unet.time_embedding = CachedTimeEmbedding(tables.get(EMBEDDING_TABLE), context, signature.num_steps, width)
     for name, table in tables.items():
         if name == EMBEDDING_TABLE:

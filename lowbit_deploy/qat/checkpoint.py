@@ -145,7 +145,11 @@ def load_checkpoint(location: str | Path) -> QuantizedCheckpoint:
     plan = QuantPlan.from_dict(json.loads(metadata["plan"]), f"the plan in {path}")
     signature = DeployedSignature.from_json(metadata["signature"])
     unet = UNet2DConditionModel.from_config(json.loads(metadata["unet_config"]))
-    apply_plan(unet, plan, scale_init=None)
+    apply_plan(unet, plan, scale_init=None, step_timesteps=signature.step_timesteps)
+    if recipe.train.lora is not None:
+        from ..quant.lora import attach_lora
+
+        attach_lora(unet, recipe.train.lora)  # factors are placeholders until the state dict is loaded over them
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as error:

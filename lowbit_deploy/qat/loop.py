@@ -39,12 +39,17 @@ class TrainingRun:
     stage: StageSpec | None = None
     optimizer: torch.optim.Optimizer | None = None
     objective: StageObjective | None = None
-    schedule_timesteps: tuple[int, ...] = ()  # the deployed schedule's timesteps (timestep_sampling: schedule)
+    schedule_timesteps: tuple[int, ...] = ()  # the deployed schedule's timesteps (schedule sampling, trajectories)
+    seed: int = 0                   # the recipe's train.seed (trajectory stages seed each trajectory from it)
+    lora: object | None = None      # the recipe's train.lora (EfficientDM's optimiser groups), or None
+
+    def new_optimizer(self, stage: StageSpec) -> torch.optim.Optimizer:
+        return make_optimizer(self.student, stage.lr, self.weight_decay, self.lora)
 
     def start_stage(self, stage: StageSpec) -> None:
         # A resumed run arrives with the stage in progress and its optimizer already restored.
         if self.stage is not stage or self.optimizer is None:
-            self.stage, self.optimizer = stage, make_optimizer(self.student, stage.lr, self.weight_decay)
+            self.stage, self.optimizer = stage, self.new_optimizer(stage)
 
     @property
     def position(self) -> tuple[int, int]:
@@ -64,12 +69,12 @@ def run_stages(run: TrainingRun, callbacks: Sequence[TrainCallback] = ()) -> Non
         if run.step >= stop:
             continue
         run.start_stage(stage)
-        run.objective = make_objective(stage, run.student, run.teacher, run.noise_scheduler)
-        sampler = make_sampler(stage.data, run.bundle)
+        run.objective = make_objective(stage, run)
+        sampler = make_sampler(stage.data, run.bundle) if getattr(run.objective, "needs_data", True) else None
         _emit(callbacks, "on_stage_begin", run)
         try:
             while run.step < stop:
-                losses = train_step(run, sampler(run.batch_size, run.generator))
+                losses = train_step(run, sampler(run.batch_size, run.generator) if sampler else None)
                 run.step += 1
                 _emit(callbacks, "on_step_end", run, losses)
         finally:

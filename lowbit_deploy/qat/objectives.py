@@ -144,13 +144,20 @@ class NoiseObjective:
         pass
 
 
-# Registry: stage kind -> objective factory (stage, student, teacher, noise scheduler). A new stage kind adds an
-# entry here and a StageKind member in recipes.py.
+def _trajectory_objective(stage: StageSpec, run) -> StageObjective:
+    from .trajectory import TrajectoryObjective  # imports this module
+
+    return TrajectoryObjective(stage, run)
+
+
+# Registry: stage kind -> objective factory (stage, training run). A new stage kind adds an entry here and a
+# StageKind member in recipe_types.py. An objective with ``needs_data = False`` draws its own inputs (``inputs``).
 STAGE_OBJECTIVES: dict[StageKind, Callable[..., StageObjective]] = {
-    StageKind.DISTILL: lambda stage, student, teacher, scheduler: DistillObjective(stage, student, teacher),
-    StageKind.NOISE: lambda stage, student, teacher, scheduler: NoiseObjective(stage, student, scheduler),
+    StageKind.DISTILL: lambda stage, run: DistillObjective(stage, run.student, run.teacher),
+    StageKind.NOISE: lambda stage, run: NoiseObjective(stage, run.student, run.noise_scheduler),
+    StageKind.TRAJECTORY: _trajectory_objective,
 }
 
 
-def make_objective(stage: StageSpec, student: nn.Module, teacher: nn.Module, noise_scheduler) -> StageObjective:
-    return STAGE_OBJECTIVES[stage.kind](stage, student, teacher, noise_scheduler)
+def make_objective(stage: StageSpec, run) -> StageObjective:
+    return STAGE_OBJECTIVES[stage.kind](stage, run)

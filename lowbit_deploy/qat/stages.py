@@ -20,6 +20,7 @@ from ..recipes import (
     SINGLE_STAGE_LOSS,
     SINGLE_STAGE_STEPS,
     STAGE_LOSS,
+    TRAJECTORY_GUIDANCE,
     DataSource,
     LrSchedule,
     StageKind,
@@ -45,6 +46,7 @@ class StageSpec:
     beta_beta: float
     condition_drop_prob: float
     data: DataSource
+    guidance_scale: float = TRAJECTORY_GUIDANCE  # trajectory stages: the teacher sampler's guidance
 
     @property
     def end(self) -> int:
@@ -57,9 +59,16 @@ class StageSpec:
     def lr_at(self, step: int) -> float:
         """The learning rate of global ``step`` (inside this stage): a function of the step alone, so a resumed
         run needs no scheduler state."""
+        return self.lr * self.lr_factor(step)
+
+    def lr_factor(self, step: int) -> float:
+        """The schedule's multiplier at global ``step``: every parameter group's rate is its base rate times this."""
+        progress = (step - self.start) / self.steps
         if self.lr_schedule is LrSchedule.COSINE:
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * (step - self.start) / self.steps))
-        return self.lr
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if self.lr_schedule is LrSchedule.LINEAR:
+            return 1.0 - progress
+        return 1.0
 
 
 @dataclass(frozen=True)

@@ -61,12 +61,17 @@ def noised_batch(batch: Batch, stage, condition_source, noise_scheduler, generat
 
 def train_step(run: "TrainingRun", batch: Batch) -> StepLosses:
     """One optimisation step of ``run``'s current stage on ``batch``; returns the loss terms."""
-    inputs = noised_batch(batch, run.stage, run.bundle.condition, run.noise_scheduler, run.generator,
-                          run.schedule_timesteps)
+    draw_inputs = getattr(run.objective, "inputs", None)  # objectives that draw their own inputs (trajectory)
+    if draw_inputs is not None:
+        inputs = draw_inputs(run, batch)
+    else:
+        inputs = noised_batch(batch, run.stage, run.bundle.condition, run.noise_scheduler, run.generator,
+                              run.schedule_timesteps)
     terms = run.objective(inputs)
     run.optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
+    factor = run.stage.lr_factor(run.step)
     for group in run.optimizer.param_groups:
-        group["lr"] = run.stage.lr_at(run.step)
+        group["lr"] = group["base_lr"] * factor
     run.optimizer.step()
     return terms.values()

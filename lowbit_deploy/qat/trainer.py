@@ -20,6 +20,7 @@ from ..analyze.plot import write_plan_plot
 from ..errors import UserError
 from ..io import remove_stale_temporaries, update_report
 from ..quant.apply import apply_plan, plan_for
+from ..quant.lora import attach_lora, freeze_all_but_lora_and_quantizers, trainable_fraction
 from ..recipes import Recipe
 from ..run_dir import check_output_dir, run_lock
 from ..validate.sampling import schedule_timesteps
@@ -37,7 +38,7 @@ from .checkpoint import (
 )
 from .data import resolve_source
 from .loop import TrainingRun, run_stages
-from .optimizer import make_optimizer
+from .calibration import calibrate_activations
 from .stages import StagePlan, check_stage_data, resolve_stages
 
 
@@ -85,6 +86,7 @@ def _prepare(recipe: Recipe, model_path: str | None, run_dir: Path, resume: bool
         model_path = checkpoint.model_source
     bundle = load_model(model_path, recipe.model.subfolder)
     teacher = bundle.unet.eval().requires_grad_(False)
+    calibration: dict = {}
     if checkpoint is not None:
         student, plan, signature = checkpoint.unet, checkpoint.plan, checkpoint.signature
     else:
@@ -92,12 +94,19 @@ def _prepare(recipe: Recipe, model_path: str | None, run_dir: Path, resume: bool
 
         student = copy.deepcopy(teacher)
         plan = plan_for(student, recipe.quantize, source=f"recipe {recipe.name}")
-        apply_plan(student, plan, scale_init=recipe.quantize.scale_init,
-                   iterations=recipe.quantize.scale_init_iterations)
         signature = deployed_signature(student, bundle.condition.seq_len, plan, bundle.scheduler_config,
                                        recipe.schedule)
+        apply_plan(student, plan, scale_init=recipe.quantize.scale_init,
+                   iterations=recipe.quantize.scale_init_iterations, step_timesteps=signature.step_timesteps)
+        if recipe.train.lora is not None:
+            attach_lora(student, recipe.train.lora, generator_seed=recipe.train.seed)
+        calibration = calibrate_activations(student, teacher, bundle, recipe.schedule.num_steps,
+                                            recipe.quantize.activations)
     student.train().requires_grad_(True)
-    return bundle, teacher, student, plan, signature, model_path, checkpoint.step if checkpoint else 0
+    if recipe.train.lora is not None:
+        freeze_all_but_lora_and_quantizers(student)
+    return (bundle, teacher, student, plan, signature, model_path, checkpoint.step if checkpoint else 0,
+            calibration)
 
 
 def _resume_into(run: TrainingRun, state: TrainState, run_dir: Path) -> None:
@@ -112,7 +121,7 @@ def _resume_into(run: TrainingRun, state: TrainState, run_dir: Path) -> None:
     run.generator.set_state(state.generator_state)
     if stage_step > 0:
         stage = run.plan.stages[stage_index]
-        run.stage, run.optimizer = stage, make_optimizer(run.student, stage.lr, run.weight_decay)
+        run.stage, run.optimizer = stage, run.new_optimizer(stage)
         restore_optimizer(run.optimizer, state, run_dir)
 
 
@@ -154,13 +163,14 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
-    bundle, teacher, student, plan, signature, model_path, checkpoint_step = _prepare(recipe, model_path, run_dir,
-                                                                                      resume)
+    bundle, teacher, student, plan, signature, model_path, checkpoint_step, calibration = _prepare(
+        recipe, model_path, run_dir, resume)
     check_stage_data(stage_plan, lambda source: resolve_source(source, bundle))
     run = TrainingRun(student, teacher, bundle, DDPMScheduler.from_config(bundle.scheduler_config),
                       torch.Generator().manual_seed(config.seed), stage_plan, config.batch_size, config.weight_decay,
                       schedule_timesteps=tuple(schedule_timesteps(bundle.scheduler_config,
-                                                                  recipe.schedule.num_steps)))
+                                                                  recipe.schedule.num_steps)),
+                      seed=config.seed, lora=config.lora)
     with run_lock(run_dir):
         if checkpoint_status(run_dir) != ("complete" if resume else "none"):
             _check_run_dir(run_dir, resume)  # another process got here first: say what is there now
@@ -182,6 +192,11 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
                              losses[0] if losses else None, losses[-1] if losses else None,
                              plan.average_bits(signature.num_steps), len(plan.quantized), losses, history.summary())
         plot = write_plan_plot(Path(run_dir) / "plan.png", plan, signature.num_steps)
+        trainable, total = trainable_fraction(student)
+        extra = {"trainable_parameters": trainable, "parameters": total,
+                 "trainable_fraction": round(trainable / total, 6)}
+        if calibration:
+            extra["activation_calibration"] = calibration
         update_report(run_dir, "train", {**result.summary(), "plan": plan.summary(signature.num_steps),
-                                         "plan_png": str(plot), "signature": signature.to_dict()})
+                                         "plan_png": str(plot), "signature": signature.to_dict(), **extra})
     return result

@@ -80,24 +80,40 @@ class WeightQuantizer(nn.Module):
         return self.integer_weight(weight).to(torch.float32) * self._broadcast(self.deployed_scale())
 
 
+def quantized_input(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through the layer's ``input_quantizer`` (trained or deployed), or unchanged where it has none."""
+    quantizer = layer._modules.get("input_quantizer")
+    return x if quantizer is None else quantizer(x)
+
+
 class QuantizedLayer(nn.Module):
     """Mixin behaviour shared by the quantized Conv2d and Linear: owns ``weight_quantizer``."""
 
     weight: nn.Parameter
     weight_quantizer: WeightQuantizer
 
+    def latent_weight(self) -> torch.Tensor:
+        """The float weight that is quantized: the layer's own, plus the merged LoRA update where one is attached
+        (:mod:`lowbit_deploy.quant.lora`) -- every consumer of the quantized weight (training, export, the exact
+        weight check) goes through this one function."""
+        lora = self._modules.get("lora")
+        return self.weight if lora is None else self.weight + lora.delta()
+
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.weight)
+        return self.weight_quantizer(self.latent_weight())
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_input(self, x)
 
 
 class QuantConv2d(nn.Conv2d, QuantizedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
 class QuantLinear(nn.Linear, QuantizedLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight(), self.bias)
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
 
 
 def reclassed(cls: type[nn.Module], layer: nn.Module) -> nn.Module:
@@ -121,8 +137,9 @@ def deployed_float_layer(layer: QuantizedLayer) -> nn.Module:
     """The plain float layer (the quantized class's float base) holding the deployed, dequantized weight."""
     float_type = next(base for base in type(layer).__mro__[1:] if base in QUANTIZABLE_LAYERS)
     plain = reclassed(float_type, layer)
-    del plain._modules["weight_quantizer"]
-    plain.weight = nn.Parameter(layer.weight_quantizer.dequantized_weight(layer.weight), requires_grad=False)
+    for training_only in ("weight_quantizer", "lora", "input_quantizer"):
+        plain._modules.pop(training_only, None)
+    plain.weight = nn.Parameter(layer.weight_quantizer.dequantized_weight(layer.latent_weight()), requires_grad=False)
     return plain
 
 
@@ -147,4 +164,5 @@ __all__ = [
     "QuantizedLayer",
     "WeightQuantizer",
     "quantizable_type",
+    "quantized_input",
 ]

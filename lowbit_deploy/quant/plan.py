@@ -25,13 +25,17 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..errors import UserError
+from .activation_grid import ActivationGrid
 from .grids import GridKind, IntegerGrid
 
 PLAN_FORMAT = "lowbit-deploy/quant-plan/1"
 # Written only when some layer is exported natively: a reader of format 1 would ignore the per-layer `export` key and
 # pack those layers silently, so it must refuse the file instead. Plans without native layers stay format 1.
 PLAN_FORMAT_EXPORTS = "lowbit-deploy/quant-plan/2"
-PLAN_FORMATS = (PLAN_FORMAT, PLAN_FORMAT_EXPORTS)
+# Written only when some layer quantizes its input activations (EfficientDM): an older reader would deploy those layers
+# with float activations silently.
+PLAN_FORMAT_ACTIVATIONS = "lowbit-deploy/quant-plan/3"
+PLAN_FORMATS = (PLAN_FORMAT, PLAN_FORMAT_EXPORTS, PLAN_FORMAT_ACTIVATIONS)
 # Bits BitsFusion counts for each cached time-feature value (the tables are stored in fp16).
 CACHED_VALUE_BITS = 16
 TIME_EMBEDDING_PREFIX = "time_embedding."
@@ -103,9 +107,16 @@ class LayerDecision:
     grid: GridKind | None = None
     bits: int | None = None
     export: WeightExport = WeightExport.PACKED
+    act_bits: int | None = None        # input activations quantized to this many bits (None: float)
+    act_symmetric: bool = True
+    act_per_step: bool = False         # one scale per denoising step (TALSQ) instead of one for all steps
 
     def __post_init__(self) -> None:
         quantized = self.role is LayerRole.QUANTIZED
+        if self.act_bits is not None:
+            if not quantized:
+                raise ValueError(f"layer {self.name}: only quantized layers quantize their input activations")
+            self.activation_grid()  # validates the bit width
         if quantized != (self.bits is not None and self.grid is not None):
             raise ValueError(f"layer {self.name}: bits and grid are given exactly for quantized layers")
         if self.export is not WeightExport.PACKED:
@@ -126,6 +137,9 @@ class LayerDecision:
             raise ValueError(f"layer {self.name}: a signed 1-bit grid is {{-1, 0}}; use the balanced grid")
         return IntegerGrid(self.grid, self.bits)
 
+    def activation_grid(self) -> ActivationGrid | None:
+        return None if self.act_bits is None else ActivationGrid(self.act_bits, self.act_symmetric)
+
     @property
     def cost_bits(self) -> float:
         """BitsFusion's counted bits per weight: log2(levels)."""
@@ -140,13 +154,17 @@ class LayerDecision:
             del data["export"]
         else:
             data["export"] = self.export.value
+        if self.act_bits is None:  # float activations: keeps plans without them byte-identical to formats 1 and 2
+            for key in ("act_bits", "act_symmetric", "act_per_step"):
+                del data[key]
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "LayerDecision":
         return cls(data["name"], data["layer_type"], int(data["weight_numel"]), int(data["out_features"]),
                    LayerRole(data["role"]), GridKind(data["grid"]) if data.get("grid") else None, data.get("bits"),
-                   WeightExport(data.get("export", WeightExport.PACKED.value)))
+                   WeightExport(data.get("export", WeightExport.PACKED.value)), data.get("act_bits"),
+                   bool(data.get("act_symmetric", True)), bool(data.get("act_per_step", False)))
 
 
 @dataclass(frozen=True)
@@ -179,6 +197,16 @@ class QuantPlan:
     @property
     def caches_time(self) -> bool:
         return bool(self.by_role(LayerRole.CACHED))
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return any(layer.act_bits is not None for layer in self.layers)
+
+    @property
+    def needs_step_index(self) -> bool:
+        """Whether the deployed graph takes a step index: cached time tables and per-step activation scales are
+        both selected by it."""
+        return self.caches_time or any(layer.act_per_step for layer in self.layers)
 
     def decision(self, name: str) -> LayerDecision:
         for layer in self.layers:
@@ -215,6 +243,7 @@ class QuantPlan:
         counts: dict[str, int] = {}
         for layer in self.layers:
             key = (f"{layer.grid.value}-{layer.bits}bit" if layer.role is LayerRole.QUANTIZED else layer.role.value)
+            key += f"-a{layer.act_bits}{'-per-step' if layer.act_per_step else ''}" if layer.act_bits else ""
             counts[key] = counts.get(key, 0) + 1
         return dict(sorted(counts.items()))
 
@@ -246,7 +275,9 @@ class QuantPlan:
     # ---- persistence -----------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         native = any(layer.export is not WeightExport.PACKED for layer in self.layers)
-        return {"format": PLAN_FORMAT_EXPORTS if native else PLAN_FORMAT, "source": self.source,
+        plan_format = (PLAN_FORMAT_ACTIVATIONS if self.quantizes_activations
+                       else PLAN_FORMAT_EXPORTS if native else PLAN_FORMAT)
+        return {"format": plan_format, "source": self.source,
                 "total_params": self.total_params,
                 "layers": [layer.to_dict() for layer in self.layers]}
 
@@ -298,7 +329,10 @@ def plan_from_rules(inventory: Iterable[LayerInfo], section, total_params: int, 
             elif rule.cache:
                 decisions.append(LayerDecision(*base, LayerRole.CACHED))
             else:
-                decisions.append(LayerDecision(*base, LayerRole.QUANTIZED, rule.grid, rule.bits, rule.export))
+                activations = (dict(act_bits=rule.act_bits, act_symmetric=section.activations.symmetric,
+                                    act_per_step=rule.act_per_step) if rule.act_bits is not None else {})
+                decisions.append(LayerDecision(*base, LayerRole.QUANTIZED, rule.grid, rule.bits, rule.export,
+                                               **activations))
         except ValueError as error:
             number = section.layers.index(rule) + 1
             raise UserError(f"recipe rule {number} ({rule.pattern!r}): {error}") from None

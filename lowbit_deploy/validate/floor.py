@@ -70,7 +70,12 @@ def measure_floor(deployed: nn.Module, inputs: list[dict[str, torch.Tensor]],
     return NoiseFloor(merge(stats))
 
 
+def cosine_implied_by(sqnr_db: float) -> float:
+    """The smallest cosine similarity an output with SQNR ``sqnr_db`` can have: ``sqrt(1 - 10^(-sqnr/10))`` (the
+    error orthogonal to the reference)."""
+    import math
 
+    return math.sqrt(max(1.0 - 10.0 ** (-sqnr_db / 10.0), 0.0))
 
 
 def floor_gates(gates, sampling, floor: NoiseFloor | None):
@@ -83,7 +88,13 @@ def floor_gates(gates, sampling, floor: NoiseFloor | None):
         return gates, sampling
     ort = gates.onnxruntime
     if follow.output_margin_db is not None:
-        ort = ort.model_copy(update={"min_sqnr_db": round(floor.sqnr_db - follow.output_margin_db, 1)})
+        min_sqnr_db = round(floor.sqnr_db - follow.output_margin_db, 1)
+        # The fixed cosine gate (1 - 1e-10) is what ~97 dB SQNR implies. A model whose floor puts the SQNR gate
+        # lower (quantized activations: an ulp of accumulation order flips a rounding, docs/gates.md) would fail it
+        # while meeting its SQNR gate, so the cosine gate becomes the one that SQNR gate implies -- never stricter
+        # than the fixed one, never looser than the SQNR gate itself.
+        min_cosine = min(ort.min_cosine, float(f"{cosine_implied_by(min_sqnr_db) - 5e-13:.12f}"))
+        ort = ort.model_copy(update={"min_sqnr_db": min_sqnr_db, "min_cosine": min_cosine})
     if follow.max_abs_factor is not None:
         ort = ort.model_copy(update={"max_abs": float(f"{floor.max_abs * follow.max_abs_factor:.3g}")})
     updates = {"onnxruntime": ort}
@@ -92,4 +103,5 @@ def floor_gates(gates, sampling, floor: NoiseFloor | None):
     if follow.sampling_margin_db is not None:
         sampling = sampling.model_copy(update={"min_psnr_db": round(floor.sqnr_db - follow.sampling_margin_db, 1)})
     return gates.model_copy(update=updates), sampling
-__all__ = ["NoiseFloor", "float64_twin", "floor_gates", "measure_floor"]
+
+__all__ = ["NoiseFloor", "cosine_implied_by", "float64_twin", "floor_gates", "measure_floor"]

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from ..signature import DeployedSignature
 
 Runner = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+# Called at every step with (step index, timestep, latents the step starts from, the guided model output).
+StepObserver = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 def _batched(states: torch.Tensor, batch: int) -> torch.Tensor:
@@ -46,13 +48,15 @@ def schedule_timesteps(scheduler_config: dict, num_steps: int) -> list[int]:
 
 @torch.no_grad()
 def sample(runner: Runner, signature: "DeployedSignature", cond: torch.Tensor, null: torch.Tensor | None, *,
-           scheduler_config: dict, num_steps: int, guidance_scale: float, seed: int) -> torch.Tensor:
+           scheduler_config: dict, num_steps: int, guidance_scale: float, seed: int,
+           observer: StepObserver | None = None) -> torch.Tensor:
     """Run DDIM (eta 0) for ``cond.shape[0]`` samples; returns ``[B, C, H, W]`` float32 clamped to [-1, 1].
 
     ``runner(feeds)`` returns the model output the scheduler's ``prediction_type`` names; ``feeds`` are built by
     ``signature`` (a step index for models with cached time features, else the timestep value). With ``null`` given
     and ``guidance_scale != 1`` each step runs conditional and unconditional inputs as one batch of 2B
-    (classifier-free guidance).
+    (classifier-free guidance). ``observer`` sees every step (data-free distillation and activation calibration
+    follow the teacher's trajectories through it).
     """
     scheduler = make_scheduler(scheduler_config, num_steps)
     timesteps = [int(t) for t in scheduler.timesteps]
@@ -74,6 +78,8 @@ def sample(runner: Runner, signature: "DeployedSignature", cond: torch.Tensor, n
         if use_cfg:
             output_cond, output_null = output.chunk(2)
             output = output_null + guidance_scale * (output_cond - output_null)
+        if observer is not None:
+            observer(step_index, int(timestep), latents, output)
         latents = scheduler.step(output, timestep, latents, eta=0.0).prev_sample
     return latents.clamp(-1.0, 1.0)
 

@@ -50,7 +50,8 @@ def test_feature_term_is_zero_for_an_identical_student_and_positive_after_a_pert
 
 def test_zero_feature_weight_registers_no_hook(tiny_unet):
     student = copy.deepcopy(tiny_unet)
-    objective = make_objective(_stage(feature_weight=0.0), student, tiny_unet, DDPMScheduler())
+    run = SimpleNamespace(student=student, teacher=tiny_unet, noise_scheduler=DDPMScheduler())
+    objective = make_objective(_stage(feature_weight=0.0), run)
     assert _block_hooks(student) == _block_hooks(tiny_unet) == 0
     terms = objective(_inputs(tiny_unet))
     assert terms.feature is None and terms.total is terms.prediction

@@ -47,7 +47,8 @@ def test_plain_adamw_would_shrink_the_scales(student):
 
 
 def test_every_trainable_parameter_is_in_exactly_one_group(student):
-    groups = parameter_groups(student, 0.1)
+    groups = parameter_groups(student, 0.1, 1e-3)
     grouped = [id(parameter) for group in groups for parameter in group["params"]]
     assert sorted(grouped) == sorted(id(parameter) for parameter in student.parameters())
     assert [(group["name"], group["weight_decay"]) for group in groups] == [("decay", 0.1), ("no_decay", 0.0)]
+    assert [group["base_lr"] for group in groups] == [1e-3, 1e-3]

@@ -54,7 +54,7 @@ def test_position_puts_a_boundary_in_the_next_stage(two_stage_recipe_dict):
 
 
 @pytest.mark.parametrize("stage, error", [
-    ({"kind": "calibrate", "steps": 1}, r"train\.stages \(item 1\)\.kind: Input should be 'distill' or 'noise'"),
+    ({"kind": "calibrate", "steps": 1}, r"train\.stages \(item 1\)\.kind: Input should be 'distill', 'noise' or 'trajectory'"),
     ({"kind": "distill", "steps": 0}, r"train\.stages \(item 1\)\.steps: Input should be greater than or equal to 1"),
     ({"kind": "distill"}, r"train\.stages \(item 1\)\.steps: Field required"),
     ({"kind": "distill", "steps": 1, "feature_weight": -0.1}, r"stages \(item 1\)\.feature_weight: .*greater than or equal"),
@@ -110,4 +110,11 @@ def test_a_cosine_schedule_decays_each_stage_from_its_lr_towards_zero(two_stage_
 
 def test_an_unknown_lr_schedule_is_a_clear_error(tiny_recipe_dict):
     with pytest.raises(UserError, match=r"lr_schedule"):
-        _train_section(tiny_recipe_dict, lr_schedule="linear")
+        _train_section(tiny_recipe_dict, lr_schedule="exponential")
+
+
+def test_a_linear_schedule_decays_from_the_stage_lr_to_zero(two_stage_recipe_dict):
+    two_stage_recipe_dict["train"]["lr_schedule"] = "linear"
+    first, _ = resolve_stages(parse_recipe(two_stage_recipe_dict).train).stages
+    assert [first.lr_factor(first.start + k) for k in range(first.steps)] == [
+        1.0 - k / first.steps for k in range(first.steps)]
