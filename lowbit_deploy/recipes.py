@@ -334,11 +334,14 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _sampling_follows_cache(self) -> "Recipe":
         steps = self.validate_.sampling.num_steps
-        caches = any(rule.cache for rule in self.quantize.layers)
-        if caches and steps is not None and steps != self.schedule.num_steps:
-            raise ValueError(f"validate.sampling.num_steps={steps} but the time features are cached for "
-                             f"schedule.num_steps={self.schedule.num_steps}; drop validate.sampling.num_steps or "
-                             f"make them equal")
+        per_step = {"time features are cached": any(rule.cache for rule in self.quantize.layers),
+                    "activation scales are per step": any(rule.act_bits is not None and rule.act_per_step
+                                                          for rule in self.quantize.layers)}
+        reasons = [reason for reason, applies in per_step.items() if applies]
+        if reasons and steps is not None and steps != self.schedule.num_steps:
+            raise ValueError(f"validate.sampling.num_steps={steps} but the {' and '.join(reasons)} for "
+                             f"schedule.num_steps={self.schedule.num_steps} (the deployed graph takes a step index); "
+                             f"drop validate.sampling.num_steps or make them equal")
         return self
 
     def sampling_steps(self, override: int | None = None) -> int:

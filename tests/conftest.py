@@ -32,3 +32,12 @@ def tiny_model_dir(tmp_path):
     make_tiny_unet().save_pretrained(folder / "unet")
     return folder
 
+
+
+@pytest.fixture
+def tiny_efficientdm_recipe_dict():
+    import copy
+
+    from tinymodels import TINY_EFFICIENTDM_RECIPE
+
+    return copy.deepcopy(TINY_EFFICIENTDM_RECIPE)

@@ -61,9 +61,10 @@ def sample(runner: Runner, signature: "DeployedSignature", cond: torch.Tensor, n
     scheduler = make_scheduler(scheduler_config, num_steps)
     timesteps = [int(t) for t in scheduler.timesteps]
     if signature.step_timesteps and tuple(timesteps) != signature.step_timesteps:
-        raise UserError(f"this model's time features are cached for {signature.schedule} (timesteps "
-                        f"{list(signature.step_timesteps)[:4]}...); sampling with {num_steps} steps gives other "
-                        f"timesteps. Sample with {signature.num_steps} steps, or re-train with another schedule")
+        raise UserError(f"this model takes a step index into {signature.schedule} (timesteps "
+                        f"{list(signature.step_timesteps)[:4]}...: cached time features or per-step activation "
+                        f"scales); sampling with {num_steps} steps gives other timesteps. Sample with "
+                        f"{signature.num_steps} steps, or re-train with another schedule")
     batch = cond.shape[0]
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn((batch, *signature.sample_shape), generator=generator, dtype=torch.float32)
