@@ -33,7 +33,9 @@ def reference_value(x: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, ze
     """The op's math (bit-exact with quantize_dequantize_numpy and the ONNX function)."""
     broadcast = (x.shape[0],) + (1,) * (x.dim() - 1)
     s = scale.index_select(0, rows).reshape(broadcast)
-    q = torch.round(x / s)
+    # "+ 0.0": the op adds the zero point, 0 when there is none, which turns a rounded -0.0 into +0.0 (as every
+    # implementation and the training forward do)
+    q = torch.round(x / s) + 0.0
     if zero_point is None:
         return torch.clamp(q, qmin, qmax) * s
     z = zero_point.index_select(0, rows).reshape(broadcast)
@@ -146,7 +148,12 @@ def make_activation_function(opset: int, with_zero_point: bool) -> onnx.Function
         ]
     else:
         nodes += [
-            helper.make_node("Clip", ["rounded", "qmin_f", "qmax_f"], ["clipped"]),
+            # The absent zero point is added as 0, which makes round(-0.3) +0.0 as the op says. ONNX Runtime removes
+            # an Add of a constant 0, so the 0 is s * 0 (s > 0, never constant: it is gathered by step index).
+            helper.make_node("Constant", [], ["zero_f"], value=helper.make_tensor("z", TensorProto.FLOAT, [], [0.0])),
+            helper.make_node("Mul", ["s", "zero_f"], ["no_zero"]),
+            helper.make_node("Add", ["rounded", "no_zero"], ["shifted"]),
+            helper.make_node("Clip", ["shifted", "qmin_f", "qmax_f"], ["clipped"]),
             helper.make_node("Mul", ["clipped", "s"], ["y"]),
         ]
     return helper.make_function(OP_DOMAIN, ACTIVATION_OP_TYPE, inputs=inputs, outputs=["y"], nodes=nodes,
