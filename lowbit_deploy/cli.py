@@ -18,7 +18,7 @@ from .errors import UserError
 RECIPE = click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 PLUGIN = click.option("--plugin", type=click.Choice(["cpp", "python"]), default="cpp", show_default=True,
-                      help="UnpackDequantize creators that build the engine: the C++ plugin library (loadable by C++ "
+                      help="lowbit plugin creators that build the engine: the C++ plugin library (loadable by C++ "
                            "apps; build it with `make -C plugins tensorrt`) or the Python plugin (fallback; engines "
                            "are byte-identical).")
 
@@ -68,12 +68,16 @@ def train(recipe: Path, run_dir: Path, model_path: str | None, steps: int | None
 @RUN_DIR
 @stage
 def export(run_dir: Path) -> bool:
-    """Export RUN_DIR's checkpoint to RUN_DIR/model.onnx with packed low-bit weights (lowbit::UnpackDequantize)."""
+    """Export RUN_DIR's checkpoint to RUN_DIR/model.onnx with packed low-bit weights (lowbit::UnpackDequantize) and,
+    for EfficientDM recipes, quantized activations (lowbit::QuantizeDequantizeActivation, or standard Q/DQ)."""
     from .export.onnx_export import export_run
 
     report = export_run(run_dir)
     report_result(report.to_dict())
-    click.echo(f"onnx: {report.onnx_path}  {report.onnx_bytes:,} bytes, {report.lowbit_nodes} lowbit nodes")
+    activations = (f", activations: {report.activation_nodes} per-step lowbit nodes + {report.activation_qdq_pairs} "
+                   f"INT8 Q/DQ pairs" if report.activation_nodes or report.activation_qdq_pairs else "")
+    click.echo(f"onnx: {report.onnx_path}  {report.onnx_bytes:,} bytes, {report.lowbit_nodes} lowbit weight nodes"
+               + activations)
     if report.fp16_onnx_bytes:
         click.echo(f"fp16 reference: {report.fp16_onnx_bytes:,} bytes  (packed is {report.size_ratio_vs_fp16:.2f}x "
                    f"smaller)")
@@ -96,7 +100,9 @@ def build(run_dir: Path, compute_capabilities: tuple[str, ...], fp16_reference: 
     report = build_run(run_dir, list(compute_capabilities) or None, fp16_reference, plugin=plugin).report
     report_result(report)
     click.echo(f"engine: {report['engine_path']}  {report['engine_bytes']:,} bytes, "
-               f"{report['plugin_layers']} plugin layers, backend {report['backend']}, {report['plugin']} plugin"
+               f"{report['plugin_layers']} weight plugin layers"
+               + (f", {report['activation_layers']} activation plugin layers" if report.get("activation_layers") else "")
+               + f", backend {report['backend']}, {report['plugin']} plugin"
                + (f" ({report['plugin_library']})" if report.get("plugin_library") else ""))
     if "fp16_engine_bytes" in report:
         click.echo(f"fp16 engine: {report['fp16_engine_bytes']:,} bytes  (packed is "

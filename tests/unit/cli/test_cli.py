@@ -72,7 +72,7 @@ def test_export_is_repeatable_on_the_same_run(chain):
     root, _ = chain
     result = CliRunner().invoke(main, ["export", str(root / "run")])
     assert result.exit_code == 0, result.output
-    assert "lowbit nodes" in result.output
+    assert "lowbit weight nodes" in result.output
 
 
 def test_unknown_recipe_key_is_a_clean_error_and_writes_nothing(tmp_path, tiny_recipe_dict):
