@@ -71,7 +71,7 @@ def _errors(quantizer: ActivationQuantizer, values: torch.Tensor, scale: torch.T
     s = scale[:, None]
     z = 0.0 if zero is None else zero[:, None]
     quantized = torch.clamp(torch.round(values[None, :] / s) + z, quantizer.grid.qmin, quantizer.grid.qmax)
-    return ((quantized - z) * s - values[None, :]).abs().pow(norm_p).double().sum(1)
+    return ((quantized - z) * s - values[None, :]).abs().pow(norm_p).sum(1)
 
 
 @torch.no_grad()
