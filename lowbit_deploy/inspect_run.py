@@ -124,6 +124,9 @@ def _plan(full_plan: dict | None, onnx_summary: dict | None, num_steps: int) -> 
             "cached_values": summary["cached_values"],
             "per_layer": [{"name": layer.name, "role": layer.role.value, "bits": layer.bits,
                            "grid": layer.grid.value if layer.grid else None, "export": layer.export.value,
+                           "activations": (layer.activation_grid().describe()
+                                           + (", per step" if layer.act_per_step else ", one scale")
+                                           if layer.act_bits is not None else None),
                            "weights": layer.weight_numel} for layer in plan.layers]}
 
 
@@ -296,6 +299,7 @@ def _describe_plan(plan: dict) -> list[str]:
         lines.append("  per layer (bits, grid / role, weights):")
         lines += [f"    {layer['name']}: " + (f"{layer['bits']}-bit {layer['grid']}"
                                               + (f" ({layer['export']})" if layer["export"] != "packed" else "")
+                                              + (f", {layer['activations']}" if layer.get("activations") else "")
                                               if layer["role"] == "quantized" else layer["role"])
                   + f", {layer['weights']:,}" for layer in plan["per_layer"]]
     return lines
