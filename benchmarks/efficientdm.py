@@ -12,8 +12,8 @@ Each training runs in its own process (``lowbit-deploy train``), so its wall tim
 own. Evaluation as in benchmarks/ablation.py: deployed model, fixed seeds, one prompt per digit class, DDIM 20 steps,
 CFG 3 -- PSNR vs the FP model's samples, digit accuracy, feature-FID against real held-out digits.
 
-Usage: python benchmarks/efficientdm.py [--bits 4,2] [--full-steps 500] [--edm-steps 100,200] [--samples 100]
-       [--out DIR]
+Usage: python benchmarks/efficientdm.py [--bits 4,2] [--full-steps 500] [--edm-steps 100,200] [--edm-batch N]
+       [--edm-set KEY=VALUE ...] [--samples 100] [--out DIR]
 """
 
 from __future__ import annotations
@@ -51,9 +51,19 @@ def full_qat_recipe(efficientdm: dict, steps: int) -> dict:
     return data
 
 
-def efficientdm_recipe(efficientdm: dict, steps: int) -> dict:
+def efficientdm_recipe(efficientdm: dict, steps: int, batch: int | None = None,
+                       overrides: tuple[str, ...] = ()) -> dict:
     data = copy.deepcopy(efficientdm)
     data["train"]["stages"][0]["steps"] = steps
+    if batch is not None:
+        data["train"]["batch_size"] = batch
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        section = data["train"]
+        for parent in parents:
+            section = section[parent]
+        section[leaf] = yaml.safe_load(value)
     return data
 
 
@@ -78,6 +88,11 @@ def main() -> None:
     parser.add_argument("--bits", default="4,2", help="weight bits to compare (4 and/or 2)")
     parser.add_argument("--full-steps", type=int, default=500)
     parser.add_argument("--edm-steps", default="100,200", help="EfficientDM trajectory steps, one row each")
+    parser.add_argument("--edm-batch", type=int, default=None,
+                        help="prompts per EfficientDM trajectory (default: the recipe's train.batch_size)")
+    parser.add_argument("--edm-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a train key of the EfficientDM runs, e.g. lr=3e-3 or lora.weight_scale_lr=1e-4 "
+                             "(repeatable; the value is read as YAML)")
     parser.add_argument("--samples", type=int, default=100, help="generated digits per row (a multiple of 10)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--out", type=Path, default=None, help="keep the run directories here")
@@ -98,9 +113,9 @@ def main() -> None:
         base = yaml.safe_load(RECIPES[bits].read_text())
         runs = [("full QAT", full_qat_recipe(base, args.full_steps))]
         for steps in (int(item) for item in args.edm_steps.split(",")):
-            recipe = efficientdm_recipe(base, steps)
-            recipe["name"] += f"-{steps}"
-            runs.append((f"EfficientDM {steps}", recipe))
+            recipe = efficientdm_recipe(base, steps, args.edm_batch, tuple(args.edm_set))
+            recipe["name"] += f"-{steps}-b{recipe['train']['batch_size']}"
+            runs.append((f"EfficientDM {steps} x{recipe['train']['batch_size']}", recipe))
         for method, recipe in runs:
             run_dir = root / recipe["name"]
             cost = train_in_process(recipe, run_dir)

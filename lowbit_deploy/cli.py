@@ -101,7 +101,8 @@ def build(run_dir: Path, compute_capabilities: tuple[str, ...], fp16_reference: 
     report_result(report)
     click.echo(f"engine: {report['engine_path']}  {report['engine_bytes']:,} bytes, "
                f"{report['plugin_layers']} weight plugin layers"
-               + (f", {report['activation_layers']} activation plugin layers" if report.get("activation_layers") else "")
+               + (f", {report['activation_layers']} activation plugin layers"
+                  if report.get("activation_layers") else "")
                + f", backend {report['backend']}, {report['plugin']} plugin"
                + (f" ({report['plugin_library']})" if report.get("plugin_library") else ""))
     if "fp16_engine_bytes" in report:

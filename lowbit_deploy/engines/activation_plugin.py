@@ -8,7 +8,8 @@ TensorRT), and ``enqueue`` calls the kernel library's CUDA launcher through ctyp
 serialized types (one INT32 each) are those of the C++ plugin, so an engine built with either is byte-identical.
 
 TensorRT's ONNX parser picks this plugin for a node ``lowbit::QuantizeDequantizeActivation`` with the attributes
-``qmin``, ``qmax`` (ints), ``plugin_namespace="lowbit"`` and ``plugin_version="1"`` (strings); see :func:`node_attributes`.
+``qmin``, ``qmax`` (ints), ``plugin_namespace="lowbit"`` and ``plugin_version="1"`` (strings); see
+:func:`node_attributes`.
 """
 
 from __future__ import annotations

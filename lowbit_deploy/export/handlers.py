@@ -5,8 +5,9 @@ is traced from; the tracer itself never looks at layers. A quantized layer becom
 weight is produced by ``lowbit::UnpackDequantize`` from packed words + fp16 scales (one autograd Function carries both
 the torch value and the ONNX emission, so they cannot drift); cached time layers become step-index table lookups;
 float layers stay. Quantized layers are rewritten by their plan's weight export (:data:`QUANTIZED_EXPORTS`): packed
-(the plugin) or native INT4 (:mod:`.native_int4`: a standard INT4 ``DequantizeLinear``); LoRA is merged into the weight first and a quantized
-input activation becomes a :class:`~.activation_ops.DeployedActivationQuantizer` (its stored tables).
+(the plugin) or native INT4 (:mod:`.native_int4`: a standard INT4 ``DequantizeLinear``); LoRA is merged into the
+weight first and a quantized input activation becomes a :class:`~.activation_ops.DeployedActivationQuantizer` (its
+stored tables).
 
 Every handler also names its *tap*: the module whose output per-layer bisection compares across backends.
 """

@@ -77,7 +77,8 @@ def _model_with_quantized_layers():
 
 def test_rank_larger_than_a_layer_allows_is_a_clear_error():
     model = _model_with_quantized_layers()
-    with pytest.raises(UserError, match=r"rank 9 is larger than layer body allows \(at most 8 .* 2 layer\(s\) are too small"):
+    with pytest.raises(UserError,
+                       match=r"rank 9 is larger than layer body allows \(at most 8 .* 2 layer\(s\) are too small"):
         attach_lora(model, LoraSection(rank=9, exclude=["conv_in"]))
     with pytest.raises(UserError, match=r"every quantized layer is excluded"):
         attach_lora(model, LoraSection(rank=2, exclude=["*"]))
