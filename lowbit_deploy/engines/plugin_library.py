@@ -103,7 +103,8 @@ def check_plugin_library(backend: TensorRTBackend, path: str | os.PathLike[str] 
 def use_plugins(backend: TensorRTBackend, kind: str = DEFAULT_PLUGIN,
                 library_path: str | os.PathLike[str] | None = None) -> PluginLibrary | None:
     """Register the ``kind`` ("cpp" or "python") lowbit creators (UnpackDequantize v1 and v2,
-    QuantizeDequantizeActivation v1) with ``backend``'s plugin registry and return the C++ library used (None for "python").
+    QuantizeDequantizeActivation v1) with ``backend``'s plugin registry and return the C++ library used (None for
+    "python").
 
     Python creators are deregistered before the C++ library is loaded. The reverse is refused: TensorRT-RTX 1.7
     cannot unload a plugin library safely (``deregister_library`` leaves dangling creators: the next registry

@@ -24,6 +24,7 @@ from ..quant.lora import attach_lora, freeze_all_but_lora_and_quantizers, traina
 from ..recipes import Recipe
 from ..run_dir import check_output_dir, run_lock
 from ..validate.sampling import schedule_timesteps
+from .calibration import calibrate_activations
 from .callbacks import CheckpointCallback, LossHistory, ProgressBar, TrainCallback
 from .checkpoint import (
     CHECKPOINT_DIRNAME,
@@ -38,7 +39,6 @@ from .checkpoint import (
 )
 from .data import resolve_source
 from .loop import TrainingRun, run_stages
-from .calibration import calibrate_activations
 from .stages import StagePlan, check_stage_data, resolve_stages
 
 

@@ -109,7 +109,7 @@ def test_step_index_models_are_driven_by_their_schedule_index(tiny_denoiser):
     indexed = _run(by_index, cond, null, signature=signature)
     assert seen == [[step] * 4 for step in range(4)]
     assert torch.equal(indexed, _run(tiny_denoiser, cond, null))  # the same model by timestep: identical images
-    with pytest.raises(UserError, match="cached for ddim, 4 steps"):
+    with pytest.raises(UserError, match="takes a step index into ddim, 4 steps"):
         _run(by_index, cond, null, steps=5, signature=signature)
 
 
