@@ -19,7 +19,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from ..quant.activation import ActivationQuantizer, StepContext
+from ..quant.activation import ActivationQuantizer, StepContext, fake_quantize_activation
 from ..quant.activation_grid import ActivationGrid
 from .lowbit_ops import OP_DOMAIN, PLUGIN_NAMESPACE
 
@@ -30,16 +30,11 @@ NATIVE_ACTIVATION_BITS = 8  # TensorRT's native activation Q/DQ (INT8)
 
 def reference_value(x: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, zero_point: torch.Tensor | None,
                     qmin: int, qmax: int) -> torch.Tensor:
-    """The op's math (bit-exact with quantize_dequantize_numpy and the ONNX function)."""
-    broadcast = (x.shape[0],) + (1,) * (x.dim() - 1)
-    s = scale.index_select(0, rows).reshape(broadcast)
-    # "+ 0.0": the op adds the zero point, 0 when there is none, which turns a rounded -0.0 into +0.0 (as every
-    # implementation and the training forward do)
-    q = torch.round(x / s) + 0.0
-    if zero_point is None:
-        return torch.clamp(q, qmin, qmax) * s
-    z = zero_point.index_select(0, rows).reshape(broadcast)
-    return (torch.clamp(q + z, qmin, qmax) - z) * s
+    """The op's math on the stored tables, by the training forward's own function (so deployed and trained values
+    cannot drift; its straight-through rounding yields exactly ``round(v)``, with +0.0 for a rounded -0.0 as the op
+    says)."""
+    zero = None if zero_point is None else zero_point.index_select(0, rows)
+    return fake_quantize_activation(x, scale.index_select(0, rows), zero, qmin, qmax)
 
 
 class QuantizeDequantizeActivationFunction(torch.autograd.Function):
