@@ -14,6 +14,8 @@ from typing import Callable
 
 import pytest
 
+from lowbit_deploy import io as lowbit_io
+
 CRASHED = 77  # the child's exit status when it stopped itself at the chosen event
 
 
@@ -26,6 +28,7 @@ class EventHooks:
         real_replace, real_fsync = os.replace, os.fsync
         real_write_bytes, real_write_text, real_unlink = (pathlib.Path.write_bytes, pathlib.Path.write_text,
                                                           pathlib.Path.unlink)
+        real_write_chunks = lowbit_io.write_chunks
 
         def event(kind: str, name: str, partial=None) -> None:
             self.events.append((kind, name))
@@ -41,6 +44,11 @@ class EventHooks:
         def write_text(path, text, *args, **kwargs):
             event("write", path.name, lambda: real_write_text(path, text[: len(text) // 2], *args, **kwargs))
             return real_write_text(path, text, *args, **kwargs)
+
+        def write_chunks(path, chunks):  # lowbit_deploy.io's streamed writes (safetensors files)
+            chunks = list(chunks)
+            event("write", path.name, lambda: real_write_chunks(path, chunks[: max(1, len(chunks) // 2)]))
+            return real_write_chunks(path, chunks)
 
         def replace(source, target, *args, **kwargs):
             event("rename", Path(target).name)
@@ -58,6 +66,7 @@ class EventHooks:
         monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
         monkeypatch.setattr(pathlib.Path, "write_text", write_text)
         monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+        monkeypatch.setattr(lowbit_io, "write_chunks", write_chunks)
         monkeypatch.setattr(os, "replace", replace)
         monkeypatch.setattr(os, "fsync", fsync)
 

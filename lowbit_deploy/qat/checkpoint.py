@@ -183,7 +183,9 @@ def save_train_state(run_dir: Path, optimizer: torch.optim.Optimizer | None, ste
     tensors: dict[str, torch.Tensor] = {"generator_state": generator.get_state()}
     for index, slots in optimizer_state["state"].items():
         for slot, value in slots.items():
-            tensors[f"optimizer.{index}.{slot}"] = torch.as_tensor(value).detach().clone()
+            # The optimizer's own tensors, not copies: the writer streams them to the file one at a time (moving
+            # each to the CPU), so saving adds no second set of moments to the run's memory.
+            tensors[f"optimizer.{index}.{slot}"] = torch.as_tensor(value).detach()
     # Wall-clock seconds go to TIMES_FILE (save_stage_seconds): the same run must give the same bytes here.
     timeless = [{key: value for key, value in entry.items() if key != "seconds"} for entry in history or []]
     metadata = {"format": CHECKPOINT_FORMAT + "/train-state", "step": str(step), "stage": str(stage),

@@ -76,3 +76,11 @@ def test_concurrent_report_updates_lose_no_entry(tmp_path):
     assert all(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0 for pid in children)
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report) == 40
+
+
+def test_the_streamed_file_holds_exactly_the_in_memory_encoding_strided_views_included(tmp_path):
+    strided = {**TENSORS, "transposed": torch.randn(4, 3).t(), "every_other": torch.arange(10.0)[::2]}
+    path = write_safetensors_atomic(tmp_path / "t.safetensors", strided, {"format": "x"})
+    assert path.read_bytes() == safetensors_bytes(strided, {"format": "x"})
+    loaded = load_file(str(path))
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in strided.items())
