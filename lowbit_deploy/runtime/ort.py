@@ -3,11 +3,18 @@
 The runner is driven by the deployed signature stored in the file's metadata: it checks every feed against it
 (names, ranks, step indexes inside the cached schedule) before ONNX Runtime sees them, so a wrong input is a clear
 error instead of an out-of-bounds Gather.
+
+How the session holds the packed weights is a mode (:data:`WEIGHT_MODES`, docs/scale.md): ONNX Runtime's default
+graph optimisations constant-fold every ``lowbit`` node's function when the session opens, so the decoded float32
+weights stay resident (an SD1.5 UNet: tens of GB while folding). ``packed`` turns off constant folding only --
+every other optimisation (fusions, layout transforms) stays on -- so the packed words stay the initializers and each
+layer is unpacked as the graph runs it, at every call.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -15,6 +22,59 @@ from ..errors import UserError
 from ..signature import DeployedSignature
 
 METADATA_SIGNATURE = "lowbit.signature"
+
+
+@dataclass(frozen=True)
+class WeightMode:
+    description: str
+    disabled_optimizers: tuple[str, ...]  # ORT graph transformers switched off (by their registered names)
+
+
+WEIGHT_MODES: dict[str, WeightMode] = {
+    "packed": WeightMode("packed words stay the resident weights; each lowbit node unpacks its layer at every call "
+                         "(constant folding off, every other graph optimisation on)", ("ConstantFolding",)),
+    "folded": WeightMode("ONNX Runtime's defaults: constant folding decodes every packed weight to float32 when the "
+                         "session opens (float32-sized memory, no unpacking per call)", ()),
+}
+AUTO_WEIGHT_MODE = "auto"
+# "auto" is chosen by measurement (benchmarks/ort_weights.py; docs/scale.md): folding costs ~66 bytes of resident
+# memory per weight while the session opens (an SD1.5 UNet: ~56 GB) and makes each call ~10x faster on the default
+# model; so models up to FOLD_MAX_WEIGHTS packed weights (~6.6 GB while folding) fold, larger ones stay packed.
+FOLD_MAX_WEIGHTS = 100_000_000
+DEFAULT_WEIGHT_MODE = AUTO_WEIGHT_MODE
+
+
+def check_weight_mode(mode: str) -> str:
+    if mode != AUTO_WEIGHT_MODE and mode not in WEIGHT_MODES:
+        raise UserError(f"unknown ONNX Runtime weight mode {mode!r}; choose one of {', '.join(WEIGHT_MODES)} or "
+                        f"{AUTO_WEIGHT_MODE}")
+    return mode
+
+
+def packed_weight_count(onnx_path: str | Path) -> int:
+    """Weights held packed by the file's lowbit nodes (from each node's ``shape`` attribute; no weights read)."""
+    import onnx
+
+    from ..export.lowbit_ops import OP_DOMAIN, OP_TYPE
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    total = 0
+    for node in model.graph.node:
+        if node.domain == OP_DOMAIN and node.op_type == OP_TYPE:
+            shape = next((list(attribute.ints) for attribute in node.attribute if attribute.name == "shape"), [])
+            count = 1
+            for extent in shape:
+                count *= extent
+            total += count
+    return total
+
+
+def resolve_weight_mode(mode: str, onnx_path: str | Path) -> str:
+    """``mode``, or for "auto" the measured choice for this file's size (see FOLD_MAX_WEIGHTS)."""
+    check_weight_mode(mode)
+    if mode != AUTO_WEIGHT_MODE:
+        return mode
+    return "folded" if packed_weight_count(onnx_path) <= FOLD_MAX_WEIGHTS else "packed"
 
 
 def read_signature(onnx_path: str | Path) -> DeployedSignature:
@@ -42,10 +102,13 @@ class OrtRunner:
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None,
-                 signature: DeployedSignature | None = None) -> None:
+                 signature: DeployedSignature | None = None, weights: str = DEFAULT_WEIGHT_MODE,
+                 optimized_model_path: str | Path | None = None) -> None:
         self.onnx_path = Path(onnx_path)
+        self.weights = check_weight_mode(weights)  # "auto" becomes "packed" or "folded" when the session opens
         self.signature = signature or read_signature(self.onnx_path)
         self.threads = threads
+        self.optimized_model_path = optimized_model_path  # where ORT writes the graph it runs (inspection, tests)
         self._session = None
 
     @property
@@ -56,8 +119,15 @@ class OrtRunner:
             options = ort.SessionOptions()
             if self.threads:
                 options.intra_op_num_threads = self.threads
+            if self.optimized_model_path is not None:
+                options.optimized_model_filepath = str(self.optimized_model_path)
+            # "auto" resolves here (a missing file: "folded", ORT's defaults; ORT then names the problem)
+            self.weights = resolve_weight_mode(self.weights, self.onnx_path) if self.onnx_path.is_file() else \
+                self.weights.replace(AUTO_WEIGHT_MODE, "folded")
             try:
-                self._session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
+                self._session = ort.InferenceSession(
+                    str(self.onnx_path), options, providers=["CPUExecutionProvider"],
+                    disabled_optimizers=list(WEIGHT_MODES[self.weights].disabled_optimizers))
             except Exception as error:  # ORT raises its own exception types for unreadable models
                 raise UserError(f"ONNX Runtime cannot load {self.onnx_path}: {error}") from None
             names = tuple(item.name for item in self._session.get_inputs())

@@ -46,6 +46,7 @@ class RunnerOptions:
     threads: int | None = None                   # ONNX Runtime intra-op threads (None: its default)
     built_for: tuple[str, ...] | None = None     # engine compute capabilities (None: from report.json beside it)
     tensorrt: str | None = None                  # "tensorrt" | "tensorrt_rtx" (None: whichever is installed)
+    ort_weights: str = "auto"                    # ONNX Runtime: "packed" | "folded" | "auto" (runtime/ort.py)
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,13 @@ def backend_for(path: str | os.PathLike[str], backend: str | None = None) -> Bac
 
 def open_runner(path: str | os.PathLike[str], backend: str | None = None, *,
                 signature: DeployedSignature | None = None, threads: int | None = None,
-                built_for: list[str] | tuple[str, ...] | None = None, tensorrt: str | None = None) -> Runner:
+                built_for: list[str] | tuple[str, ...] | None = None, tensorrt: str | None = None,
+                ort_weights: str = "auto") -> Runner:
     """A :class:`Runner` for an exported file: ``.onnx`` runs on ONNX Runtime (CPU), ``.engine`` on TensorRT (GPU),
     a run's ``checkpoint/quantized_unet.safetensors`` as the PyTorch deployed model (the reference).
 
-    ``backend`` overrides the choice by suffix (see ``BACKENDS``). Problems are :class:`UserError`; a backend that
+    ``backend`` overrides the choice by suffix (see ``BACKENDS``); ``ort_weights`` is how ONNX Runtime holds the
+    packed weights (``runtime.ort.WEIGHT_MODES``). Problems are :class:`UserError`; a backend that
     cannot run on this machine raises :class:`BackendUnavailableError` naming why."""
     path = Path(path)
     chosen = backend_for(path, backend)
@@ -103,7 +106,8 @@ def open_runner(path: str | os.PathLike[str], backend: str | None = None, *,
     if not path.is_file():
         raise UserError(f"no file at {path}; export it (`lowbit-deploy export RUN_DIR` writes model.onnx, "
                         f"`lowbit-deploy build RUN_DIR` model.engine) or fix the path")
-    options = RunnerOptions(signature, threads, tuple(built_for) if built_for is not None else None, tensorrt)
+    options = RunnerOptions(signature, threads, tuple(built_for) if built_for is not None else None, tensorrt,
+                            ort_weights)
     return chosen.opener(path, options)
 
 
@@ -112,7 +116,7 @@ def open_runner(path: str | os.PathLike[str], backend: str | None = None, *,
 def _open_onnxruntime(path: Path, options: RunnerOptions) -> Runner:
     from .ort import OrtRunner
 
-    return OrtRunner(path, threads=options.threads, signature=options.signature)
+    return OrtRunner(path, threads=options.threads, signature=options.signature, weights=options.ort_weights)
 
 
 # ---- PyTorch (the reference) ------------------------------------------------------------------------------------
