@@ -69,10 +69,17 @@ def ensure_kernel_library(plugins_dir: Path = PLUGINS_DIR) -> Path:
     source and nvcc exists. A stale library is kept (with no nvcc to rebuild it); a missing one is a UserError."""
     library = plugins_dir / "build" / LIBRARY_NAME
     if not (plugins_dir / "Makefile").exists():
+        # No source checkout: an installed package uses the copy its wheel carries (engines/native.py).
+        from .native import installed_library
+
+        installed = installed_library(LIBRARY_NAME)
+        if installed is not None:
+            return installed
         if library.exists():
             return library
-        raise UserError(f"{library} not found and no {plugins_dir / 'Makefile'} to build it; reinstall from a source "
-                        "checkout that contains plugins/")
+        raise UserError(f"{library} not found and no {plugins_dir / 'Makefile'} to build it; reinstall lowbit-deploy "
+                        "where nvcc and make exist (the wheel build compiles it into lowbit_deploy/_native/) or from "
+                        "a source checkout that contains plugins/")
     if library.exists() and library.stat().st_mtime >= _newest_source_mtime(plugins_dir):
         return library
     nvcc = find_nvcc()
