@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[tensorrt-rtx,dev]"
+	$(PY) -m pip install --quiet -e ".[tensorrt-rtx,dev,text]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -21,6 +21,10 @@ PLUGIN = click.option("--plugin", type=click.Choice(["cpp", "python"]), default=
                       help="lowbit plugin creators that build the engine: the C++ plugin library (loadable by C++ "
                            "apps; build it with `make -C plugins tensorrt`) or the Python plugin (fallback; engines "
                            "are byte-identical).")
+VARIANT = click.option("--variant", default=None,
+                       help="Weight-file variant of the model folder, e.g. fp16 for diffusion_pytorch_model.fp16."
+                            "safetensors (loaded as float32; overrides the recipe's model.variant; the run records it "
+                            "for validate and --resume).")
 
 
 @click.group(cls=LowbitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,20 +48,21 @@ def main() -> None:
               help="Run directory to write the checkpoint (and later artifacts) into.")
 @click.option("--model", "model_path", default=None,
               help="Local diffusers checkpoint folder (overrides the recipe's model.path; default: embedded model).")
+@VARIANT
 @click.option("--steps", type=click.IntRange(min=0), default=None,
               help="Override train.steps (0 = post-training quantization only). With train.stages: stop after N "
                    "steps in total (stages in order); --resume without it continues to the end.")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint already in --out from its last saved step.")
 @PROGRESS
 @stage
-def train(recipe: Path, run_dir: Path, model_path: str | None, steps: int | None, resume: bool,
-          progress: bool) -> bool:
+def train(recipe: Path, run_dir: Path, model_path: str | None, variant: str | None, steps: int | None,
+          resume: bool, progress: bool) -> bool:
     """Quantization-aware training of the UNet named by RECIPE (distillation from its float teacher)."""
     from .qat.trainer import train as run_training
     from .recipes import load_recipe
 
-    result = run_training(load_recipe(recipe), run_dir, model_path=model_path, steps=steps, resume=resume,
-                          progress=progress)
+    result = run_training(load_recipe(recipe).with_variant(variant), run_dir, model_path=model_path, steps=steps,
+                          resume=resume, progress=progress)
     report_result(result.summary())
     click.echo(f"checkpoint: {result.checkpoint}  ({result.quantized_layers} quantized layers, "
                f"{result.average_bits:.2f} average bits, loss {result.first_loss} -> {result.last_loss})")
@@ -206,6 +211,7 @@ def _print_validation(report: dict) -> None:
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Run directory for every artifact (must not hold a checkpoint yet, unless --resume).")
 @click.option("--model", "model_path", default=None, help="Local diffusers checkpoint folder to quantize.")
+@VARIANT
 @click.option("--steps", type=click.IntRange(min=0), default=None, help="Override train.steps.")
 @click.option("--build/--no-build", default=True, help="Build the TensorRT engine (needs TensorRT or TensorRT-RTX).")
 @PLUGIN
@@ -213,13 +219,13 @@ def _print_validation(report: dict) -> None:
               help="Continue RUN_DIR after its last complete stage (e.g. after a crash), training included.")
 @PROGRESS
 @stage
-def run(recipe: Path, run_dir: Path, model_path, steps, build: bool, plugin: str, resume: bool,
+def run(recipe: Path, run_dir: Path, model_path, variant, steps, build: bool, plugin: str, resume: bool,
         progress: bool) -> bool:
     """All stages in one RUN_DIR: train -> export -> build -> validate; writes report.json, report.md, samples.png."""
     from .pipeline import run_pipeline
 
     summary = run_pipeline(recipe, run_dir, model_path=model_path, steps=steps, progress=progress, build=build,
-                           plugin=plugin, resume=resume)
+                           plugin=plugin, resume=resume, variant=variant)
     report_result(summary)
     click.echo(f"train: {json.dumps(summary['train'])}")
     export_report = summary["export"]
@@ -242,17 +248,20 @@ def run(recipe: Path, run_dir: Path, model_path, steps, build: bool, plugin: str
                    "cached there, so re-running resumes.")
 @click.option("--model", "model_path", default=None,
               help="Local diffusers checkpoint folder (overrides the recipe's model.path; default: embedded model).")
+@VARIANT
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Parallel processes measuring candidates (overrides analyze.workers).")
 @PROGRESS
 @stage
-def analyze(recipe: Path, out_dir: Path, model_path: str | None, workers: int | None, progress: bool) -> bool:
+def analyze(recipe: Path, out_dir: Path, model_path: str | None, variant: str | None, workers: int | None,
+            progress: bool) -> bool:
     """BitsFusion's sensitivity analysis of RECIPE's model: a mixed-precision plan (OUT/plan.json) at the recipe's
     analyze.target_average_bits, for `quantize: {plan: ...}` in a training recipe."""
     from .analyze import analyze as run_analysis
     from .recipes import load_recipe
 
-    result = run_analysis(load_recipe(recipe), out_dir, model_path=model_path, workers=workers, progress=progress)
+    result = run_analysis(load_recipe(recipe).with_variant(variant), out_dir, model_path=model_path, workers=workers,
+                          progress=progress)
     report_result({"plan_path": result.plan_path, "average_bits": result.average_bits, "target": result.target,
                    "threshold": result.assignment.threshold, "candidates": result.candidates,
                    "computed": result.computed, "seconds": result.seconds, "metric": result.metric})

@@ -80,13 +80,14 @@ def _build_locked(run_dir: Path, onnx_path: Path, capabilities, shapes, batches,
 
 def run_pipeline(recipe_path: str | Path, out: str | Path, *, model_path: str | None = None,
                  steps: int | None = None, progress: bool = True, build: bool = True, plugin: str = "cpp",
-                 resume: bool = False) -> dict:
+                 resume: bool = False, variant: str | None = None) -> dict:
     """``lowbit-deploy run``: train -> export -> build -> validate into one run directory (``plugin``: see
     :func:`build_run`). ``resume`` continues a run directory after its last complete stage (a partly trained
-    checkpoint continues training); without it ``out`` must not hold a checkpoint yet."""
+    checkpoint continues training); without it ``out`` must not hold a checkpoint yet. ``variant``: ``--variant``,
+    the model's weight files (replaces the recipe's ``model.variant``)."""
     from .qat.checkpoint import checkpoint_status
 
-    recipe: Recipe = load_recipe(recipe_path)
+    recipe: Recipe = load_recipe(recipe_path).with_variant(variant)
     out = Path(out)
     check_output_dir(out)
     status = checkpoint_status(out)

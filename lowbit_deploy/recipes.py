@@ -84,6 +84,14 @@ class LayerRule(_Strict):
 class ModelSection(_Strict):
     path: Optional[str] = Field(None, description="local diffusers checkpoint folder; null = the embedded default")
     subfolder: Optional[str] = None
+    variant: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_-]+$", description="weight-file variant, e.g. "
+                                   "`fp16` for diffusion_pytorch_model.fp16.safetensors; `--variant` overrides it")
+
+
+class ConditionsSection(_Strict):
+    prompts_file: Optional[str] = Field(None, description="text file, one prompt per line (path relative to the "
+                                        "recipe), encoded by the checkpoint's text encoder; null: random conditions "
+                                        "for checkpoints without the embedded default's prompts")
 
 
 class QuantizeSection(_Strict):
@@ -249,6 +257,7 @@ class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     model: ModelSection = ModelSection()
+    conditions: ConditionsSection = ConditionsSection()
     schedule: ScheduleSection = ScheduleSection()
     quantize: QuantizeSection
     train: TrainSection = TrainSection()
@@ -272,6 +281,13 @@ class Recipe(_Strict):
 
     def sampling_steps(self, override: int | None = None) -> int:
         return override or self.validate_.sampling.num_steps or self.schedule.num_steps
+
+    def with_variant(self, variant: str | None) -> "Recipe":
+        """This recipe with ``model.variant`` set to ``variant`` (``--variant``); None keeps the recipe's."""
+        if variant is None:
+            return self
+        return parse_recipe({**json.loads(self.to_json()), "model": {**self.model.model_dump(), "variant": variant}},
+                            f"{self.name} with --variant {variant}")
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
@@ -324,6 +340,12 @@ def load_recipe(path: str | Path) -> Recipe:
         # A plan file sits beside its recipe; keep an absolute path so later stages find it from anywhere.
         resolved = str((path.parent / plan).resolve())
         recipe = recipe.model_copy(update={"quantize": recipe.quantize.model_copy(update={"plan": resolved})})
+    prompts = recipe.conditions.prompts_file
+    if prompts and not Path(prompts).is_absolute():
+        # The run records the recipe: later stages (validate, resume) read the prompts from anywhere.
+        resolved = str((path.parent / prompts).resolve())
+        recipe = recipe.model_copy(update={"conditions": recipe.conditions.model_copy(
+            update={"prompts_file": resolved})})
     return recipe
 
 

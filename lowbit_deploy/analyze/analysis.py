@@ -67,7 +67,7 @@ def candidate_layers(base_plan, exclude: list[str]) -> list[str]:
 
 def prepare(recipe: Recipe, model_path: str | None = None) -> AnalysisInputs:
     """Load the model, plan it with the recipe's rules, pick the candidates and refuse an unreachable target."""
-    from ..models import load_model
+    from ..models import load_recipe_model
     from ..quant.plan import layer_inventory, plan_from_rules
     from .candidates import key_digest, metric_for, settings_key
 
@@ -77,7 +77,7 @@ def prepare(recipe: Recipe, model_path: str | None = None) -> AnalysisInputs:
                         f"(e.g. `{{pattern: \"*\", bits: 2, grid: balanced}}`)")
     section = recipe.analyze
     model_path = _resolved(model_path or recipe.model.path)
-    bundle = load_model(model_path, recipe.model.subfolder)
+    bundle = load_recipe_model(recipe, model_path)
     inventory, total_params = layer_inventory(bundle.unet)
     base_plan = plan_from_rules(inventory, recipe.quantize, total_params, f"recipe {recipe.name}")
     candidates = candidate_layers(base_plan, section.exclude)

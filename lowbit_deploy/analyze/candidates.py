@@ -42,6 +42,9 @@ def settings_key(recipe: Recipe, model_source: str) -> dict:
            "guidance_scale": recipe.validate_.sampling.guidance_scale,
            "scale_init": recipe.quantize.scale_init.value,
            "scale_init_iterations": recipe.quantize.scale_init_iterations, "tune_steps": section.tune_steps}
+    # Other weight files or other prompts are another model to measure (keys absent when unset: old caches stay).
+    key.update({name: value for name, value in (("variant", recipe.model.variant),
+                                                ("prompts_file", recipe.conditions.prompts_file)) if value})
     if section.tune_steps:
         train = recipe.train
         key["tune"] = {"lr": train.lr, "batch_size": train.batch_size, "data": train.data.value,
@@ -113,12 +116,12 @@ class CandidateEvaluator:
     """The float model, its sampling conditions and its reference samples; scores candidates one by one."""
 
     def __init__(self, recipe: Recipe, model_path: str | None, bundle=None):
-        from ..models import load_model
+        from ..models import load_recipe_model
         from ..signature import signature_for
 
         self.recipe = recipe
         self.section = recipe.analyze
-        self.bundle = bundle if bundle is not None else load_model(model_path, recipe.model.subfolder)
+        self.bundle = bundle if bundle is not None else load_recipe_model(recipe, model_path)
         self.inventory, self.total_params = layer_inventory(self.bundle.unet)
         condition = self.bundle.condition
         count = self.section.num_samples

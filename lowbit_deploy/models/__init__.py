@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from .classifier import DigitClassifier
     from .conditioning import ConditionSource
+    from ..recipes import Recipe
 
 DEFAULT_MODEL_DIR: Path = Path(__file__).parent / "default"
 
@@ -27,10 +28,11 @@ _LAZY = {
     "ConditionSource": "conditioning",
     "PromptConditionSource": "conditioning",
     "RandomConditionSource": "conditioning",
+    "TextConditionSource": "text_conditions",
     "default_unet_config": "loading",
 }
 
-__all__ = ["DEFAULT_MODEL_DIR", "ModelBundle", "load_model", "sample_shape", *_LAZY]
+__all__ = ["DEFAULT_MODEL_DIR", "ModelBundle", "load_model", "load_recipe_model", "sample_shape", *_LAZY]
 
 
 @dataclass
@@ -40,6 +42,9 @@ class ModelBundle:
     condition: "ConditionSource"
     classifier: "DigitClassifier | None"  # None for foreign checkpoints
     scheduler_config: dict            # diffusers scheduler config: training noise and sampling
+    # Where the conditions come from, for the train and validate reports: kind (prompts | text_encoder | random),
+    # details, and a "warning" where they are not real (random states, or a prompts file that is not used).
+    condition_report: dict = field(default_factory=dict)
 
 
 def sample_shape(unet: "UNet2DConditionModel") -> tuple[int, int, int]:
@@ -49,15 +54,27 @@ def sample_shape(unet: "UNet2DConditionModel") -> tuple[int, int, int]:
     return unet.config.in_channels, height, width
 
 
-def load_model(path: str | os.PathLike | None = None, subfolder: str | None = None) -> ModelBundle:
+def load_model(path: str | os.PathLike | None = None, subfolder: str | None = None, *, variant: str | None = None,
+               prompts_file: str | os.PathLike | None = None) -> ModelBundle:
     """Load the embedded default (``path=None``) or a local diffusers checkpoint folder (safetensors only).
 
-    With ``subfolder=None`` a ``PATH/unet/config.json`` selects the ``unet`` subfolder. Problems with the folder
-    raise ``lowbit_deploy.errors.UserError`` naming the problem and the fix.
+    With ``subfolder=None`` a ``PATH/unet/config.json`` selects the ``unet`` subfolder. ``variant`` selects weight
+    files such as ``diffusion_pytorch_model.fp16.safetensors`` (loaded as float32). ``prompts_file`` (one prompt per
+    line) is encoded by the folder's CLIP text encoder where it has one (``text_encoder/`` + ``tokenizer/``);
+    without both, conditions are random and ``condition_report`` warns. Problems with the folder raise
+    ``lowbit_deploy.errors.UserError`` naming the problem and the fix.
     """
     from .loading import load_model_from
 
-    return load_model_from(DEFAULT_MODEL_DIR if path is None else path, subfolder)
+    return load_model_from(DEFAULT_MODEL_DIR if path is None else path, subfolder, variant,
+                           None if prompts_file is None else str(prompts_file))
+
+
+def load_recipe_model(recipe: "Recipe", path: str | os.PathLike | None = None) -> ModelBundle:
+    """``load_model`` as ``recipe`` asks (``model.subfolder``, ``model.variant``, ``conditions.prompts_file``) from
+    ``path`` (the run's model; None: the embedded default) -- the one place train, analyze and validate load it."""
+    return load_model(path, recipe.model.subfolder, variant=recipe.model.variant,
+                      prompts_file=recipe.conditions.prompts_file)
 
 
 def __getattr__(name: str) -> Any:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import re
 from pathlib import Path
 
 from ..errors import UserError
@@ -12,6 +14,9 @@ from ..errors import UserError
 UNET_CONFIG = "config.json"
 SCHEDULER_CONFIG = ("scheduler", "scheduler_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# diffusers' weight file names: NAME[.VARIANT][-00001-of-00002].safetensors (variant before the shard suffix).
+_WEIGHT_FILE = re.compile(r"^[^.]+?(?:\.(?P<variant>[^.]+?))?(?:-\d+-of-\d+)?\.safetensors$")
+logger = logging.getLogger(__name__)
 # SD1.5's training noise, for checkpoints that ship no scheduler folder.
 SD15_DDPM_CONFIG = {
     "_class_name": "DDPMScheduler",
@@ -43,10 +48,22 @@ def default_unet_config(cross_attention_dim: int = 64) -> dict:
     }
 
 
-def _fix_hint(folder: Path) -> str:
+def _fix_hint(folder: Path, variant: str | None) -> str:
+    option = f", variant='{variant}'" if variant else ""
     return (f"convert it once with: python -c \"from diffusers import UNet2DConditionModel as U; "
-            f"U.from_pretrained('{folder}', use_safetensors=False).save_pretrained('{folder}_safetensors')\" "
+            f"U.from_pretrained('{folder}', use_safetensors=False{option}).save_pretrained('{folder}_safetensors')\" "
             f"(only for a checkpoint you trust: pickle files can run code)")
+
+
+def weight_variant(path: Path) -> str | None:
+    """The variant in a safetensors file's name (``fp16`` for diffusion_pytorch_model.fp16.safetensors), or None."""
+    match = _WEIGHT_FILE.match(path.name)
+    return match.group("variant") if match else None
+
+
+def _variant_fix(variants: list[str]) -> str:
+    options = " or ".join(f"`--variant {name}`" for name in variants)
+    return f"pass {options} (recipe key model.variant)"
 
 
 def _resolve_unet_folder(root: Path, subfolder: str | None) -> tuple[Path, str | None]:
@@ -67,7 +84,7 @@ def _resolve_unet_folder(root: Path, subfolder: str | None) -> tuple[Path, str |
         if subfolder is None and (root / "unet").is_dir():
             folder = root / "unet"  # SD's layout with the UNet's config missing: name the folder that lacks it
         holding = sorted(p.parent.name for p in root.glob(f"*/{UNET_CONFIG}")
-                         if p.parent != folder and (p.parent / "diffusion_pytorch_model.safetensors").is_file())
+                         if p.parent != folder and any(p.parent.glob("*.safetensors")))
         hint = (f"set `model.subfolder: {holding[0]}` in the recipe (subfolders with a UNet config: "
                 f"{', '.join(holding)})" if holding else
                 "set `model.subfolder: NAME` in the recipe to the folder that holds the UNet's config.json")
@@ -90,17 +107,37 @@ def _check_config(folder: Path) -> dict:
     return config
 
 
-def _check_weights(folder: Path) -> dict[str, tuple[int, ...]]:
+def _weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """The safetensors files of ``variant`` (None: the files without a variant) in ``folder``, or a UserError that
+    names the files there and the option that selects them."""
+    found = sorted(folder.glob("*.safetensors"))
+    chosen = [path for path in found if weight_variant(path) == variant]
+    if chosen:
+        return chosen
+    expected = f"diffusion_pytorch_model{f'.{variant}' if variant else ''}.safetensors"
+    variants = sorted({name for name in map(weight_variant, found) if name is not None})
+    if found:
+        listed = ", ".join(path.name for path in found)
+        if variant is None:
+            raise UserError(f"{folder} holds only variant weight files ({listed}), no {expected}; "
+                            f"{_variant_fix(variants)} to load them")
+        others = [name for name in variants if name != variant]
+        fix = "; ".join(([f"drop --variant (and model.variant) to load the files without a variant"]
+                         if any(weight_variant(path) is None for path in found) else [])
+                        + ([_variant_fix(others)] if others else []))
+        raise UserError(f"{folder} has no weights of variant {variant!r} (expected {expected}; found: {listed}); {fix}")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(f"{folder} holds only pickle weights ({', '.join(pickles)}); lowbit-deploy loads "
+                        f"safetensors only; {_fix_hint(folder, variant)}")
+    raise UserError(f"{folder} has no weights (expected {expected} next to config.json); copy the weights there or "
+                    f"re-save with save_pretrained")
+
+
+def _check_weights(folder: Path, variant: str | None = None) -> dict[str, tuple[int, ...]]:
     from safetensors import SafetensorError, safe_open
 
-    safetensors_files = sorted(folder.glob("*.safetensors"))
-    if not safetensors_files:
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise UserError(f"{folder} holds only pickle weights ({', '.join(pickles)}); lowbit-deploy loads "
-                            f"safetensors only; {_fix_hint(folder)}")
-        raise UserError(f"{folder} has no weights (expected diffusion_pytorch_model.safetensors next to "
-                        f"config.json); copy the weights there or re-save with save_pretrained")
+    safetensors_files = _weight_files(folder, variant)
     shapes: dict[str, tuple[int, ...]] = {}
     for path in safetensors_files:
         try:
@@ -137,12 +174,15 @@ def _check_shapes(folder: Path, config: dict, stored: dict[str, tuple[int, ...]]
                         f"weights next to them (UNet2DConditionModel.save_pretrained writes both)")
 
 
-def _load_unet(folder: Path, root: Path, subfolder: str | None):
+def _load_unet(folder: Path, root: Path, subfolder: str | None, variant: str | None = None):
+    import torch
     from diffusers import UNet2DConditionModel
 
     try:
+        # torch_dtype float32: variant files (fp16, bf16) become the fp32 model the trainer distils from.
         unet, info = UNet2DConditionModel.from_pretrained(
-            str(root), subfolder=subfolder, local_files_only=True, use_safetensors=True, output_loading_info=True,
+            str(root), subfolder=subfolder, variant=variant, torch_dtype=torch.float32, local_files_only=True,
+            use_safetensors=True, output_loading_info=True,
             low_cpu_mem_usage=importlib.util.find_spec("accelerate") is not None)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as error:
         # diffusers' message can run to one line per tensor and name loader options the CLI cannot pass.
@@ -182,24 +222,55 @@ def _cross_attention_dim(config: dict) -> int:
     return int(dim)
 
 
-def load_model_from(path: str | os.PathLike, subfolder: str | None):
-    """The body of ``models.load_model`` for an explicit folder (the default is just one such folder)."""
-    from . import ModelBundle
+RANDOM_CONDITIONS_FIX = ("for real conditions use a checkpoint folder with text_encoder/ and tokenizer/ (CLIP, "
+                         "SD1.x/2.x layout) and name a prompts file in the recipe (conditions.prompts_file, one prompt "
+                         "per line)")
+
+
+def _choose_condition(root: Path, config: dict, prompts_file: str | None, variant: str | None):
+    """The condition source for the model in ``root``, its classifier (default layout only) and its report entry:
+    the default's prompts, the checkpoint's CLIP over the recipe's prompts, or seeded random states (warned)."""
     from .classifier import DigitClassifier
     from .conditioning import PromptConditionSource, PromptEncoder, RandomConditionSource
+    from .text_conditions import SDXL_DIRS, has_text_encoder, read_prompts, text_conditions
 
-    root = Path(path).expanduser().resolve()
-    folder, subfolder = _resolve_unet_folder(root, subfolder)
-    config = _check_config(folder)
-    _check_shapes(folder, config, _check_weights(folder))
-    unet = _load_unet(folder, root, subfolder)
     # A folder laid out like the default (prompt_encoder/ beside unet/) keeps its prompts and its judge.
     if (root / "prompt_encoder" / "config.json").is_file():
         condition = PromptConditionSource(PromptEncoder.load(root / "prompt_encoder"))
         classifier_dir = root / "classifier"
         classifier = DigitClassifier.load(classifier_dir) if (classifier_dir / "config.json").is_file() else None
+        report = {"kind": "prompts", "detail": "the embedded default's digit prompts"}
+        if prompts_file:
+            report["warning"] = (f"conditions.prompts_file ({prompts_file}) is not used: this model is conditioned "
+                                 f"on its own digit prompts")
+        return condition, classifier, report
+    dim = _cross_attention_dim(config)
+    if prompts_file and has_text_encoder(root) and not all((root / name).is_dir() for name in SDXL_DIRS):
+        condition, report = text_conditions(root, prompts_file, dim, variant)
+        return condition, None, report
+    if prompts_file:
+        read_prompts(prompts_file)  # a bad prompts file is bad input even where it cannot be used
+        reason = (f"{root} has SDXL's two text encoders (text_encoder_2/, tokenizer_2/), whose prompt encoding is not "
+                  f"supported yet" if has_text_encoder(root) else f"{root} has no text_encoder/ and tokenizer/")
     else:
-        condition = RandomConditionSource(dim=_cross_attention_dim(config))
-        classifier = None
+        reason = (f"the recipe names no prompts file for {root}'s text encoder (set conditions.prompts_file)"
+                  if has_text_encoder(root) else f"{root} has no text encoder")
+    warning = f"random conditions (seeded N(0, 1) cross-attention states): {reason}; {RANDOM_CONDITIONS_FIX}"
+    logger.warning("%s", warning)
+    return RandomConditionSource(dim=dim), None, {"kind": "random", "warning": warning}
+
+
+def load_model_from(path: str | os.PathLike, subfolder: str | None, variant: str | None = None,
+                    prompts_file: str | None = None):
+    """The body of ``models.load_model`` for an explicit folder (the default is just one such folder)."""
+    from . import ModelBundle
+
+    root = Path(path).expanduser().resolve()
+    folder, subfolder = _resolve_unet_folder(root, subfolder)
+    config = _check_config(folder)
+    _check_shapes(folder, config, _check_weights(folder, variant))
+    # Conditions first: a bad prompts file fails before the UNet loads, and the text encoder is gone before it does.
+    condition, classifier, report = _choose_condition(root, config, prompts_file, variant)
+    unet = _load_unet(folder, root, subfolder, variant)
     return ModelBundle(unet=unet, source=str(folder), condition=condition, classifier=classifier,
-                       scheduler_config=_scheduler_config(root))
+                       scheduler_config=_scheduler_config(root), condition_report=report)

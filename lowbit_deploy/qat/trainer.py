@@ -30,6 +30,7 @@ from .checkpoint import (
     CHECKPOINT_DIRNAME,
     TrainState,
     check_same_step,
+    checkpoint_recipe,
     checkpoint_status,
     clear_incomplete_checkpoint,
     load_checkpoint,
@@ -74,17 +75,22 @@ def _check_resume_matches(checkpoint, recipe: Recipe, model_path: str | None) ->
         teacher = checkpoint.model_source or "the embedded default"
         raise UserError(f"cannot resume {checkpoint.path}: it distils {teacher}, not {model_path}; drop --model or "
                         f"pass the same folder")
+    recorded = checkpoint.recipe.model.variant
+    if recipe.model.variant != recorded:
+        fix = f"pass --variant {recorded}" if recorded else "drop --variant and model.variant"
+        raise UserError(f"cannot resume {checkpoint.path}: it distils the {recorded or 'plain (no variant)'} weight "
+                        f"files, not variant {recipe.model.variant}; {fix}")
 
 
 def _prepare(recipe: Recipe, model_path: str | None, run_dir: Path, resume: bool):
-    from ..models import load_model
+    from ..models import load_recipe_model
 
     checkpoint = None
     if resume:
         checkpoint = load_checkpoint(run_dir)
         _check_resume_matches(checkpoint, recipe, model_path)
         model_path = checkpoint.model_source
-    bundle = load_model(model_path, recipe.model.subfolder)
+    bundle = load_recipe_model(recipe, model_path)
     teacher = bundle.unet.eval().requires_grad_(False)
     calibration: dict = {}
     if checkpoint is not None:
@@ -159,6 +165,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
     stage_plan: StagePlan = resolve_stages(config, steps)
     run_dir = Path(run_dir)
     resume = _check_run_dir(run_dir, resume)
+    if resume:  # the weight files the run started from, also when --variant is not repeated
+        recipe = recipe.with_variant(recipe.model.variant or checkpoint_recipe(run_dir).model.variant)
     model_path = _resolved(model_path or recipe.model.path)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -193,7 +201,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
                              plan.average_bits(signature.num_steps), len(plan.quantized), losses, history.summary())
         plot = write_plan_plot(Path(run_dir) / "plan.png", plan, signature.num_steps)
         trainable, total = trainable_fraction(student)
-        extra = {"trainable_parameters": trainable, "parameters": total,
+        extra = {"conditions": bundle.condition_report, "trainable_parameters": trainable, "parameters": total,
                  "trainable_fraction": round(trainable / total, 6)}
         if calibration:
             extra["activation_calibration"] = calibration

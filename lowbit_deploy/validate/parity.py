@@ -225,13 +225,13 @@ def prepare_validation(run_dir: str | Path, seed: int | None = None) -> Validati
     """Load ``run_dir``'s checkpoint, deploy it and draw the parity inputs (``seed``: the recipe's by default)."""
     from ..export.deployed import deploy_unet
     from ..export.handlers import ExportOptions
-    from ..models import load_model
+    from ..models import load_recipe_model
     from ..qat.checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
     checkpoint = load_checkpoint(run_dir)
     recipe, config = checkpoint.recipe, checkpoint.recipe.validate_
-    bundle = load_model(checkpoint.model_source, recipe.model.subfolder)
+    bundle = load_recipe_model(recipe, checkpoint.model_source)
     options = ExportOptions(packing=recipe.export.packing, float_storage=recipe.export.float_storage)
     deployed = deploy_unet(checkpoint.unet, checkpoint.plan, checkpoint.signature, options)
     inputs = parity_feeds(checkpoint.signature, bundle.condition, config.batches, config.batch_size,
@@ -306,7 +306,8 @@ def _validate_locked(run_dir: Path, gates: Gates | None, sampling: SamplingSecti
         sampling_result["status"] != "failed" and layers["status"] != "failed" and layers_trt["status"] != "failed"
     report = ValidationReport(parity, sampling_result, passed, time.perf_counter() - started, layers,
                               gates.model_dump(), context._floor.to_dict() if context._floor else None, layers_trt)
-    full = update_report(run_dir, "validate", {**report.to_dict(), "deployment_rounding": rounding})
+    full = update_report(run_dir, "validate", {**report.to_dict(), "deployment_rounding": rounding,
+                                               "conditions": context.bundle.condition_report})
     write_markdown(run_dir / "report.md", full)
     return report
 

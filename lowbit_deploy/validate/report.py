@@ -102,6 +102,10 @@ def render_markdown(report: dict) -> str:
             lines += [f"- {key}: {_fmt(value)}" for key, value in entry["sampling"].items()]
             if "grid_png" in entry["sampling"]:
                 lines += ["", f"![samples]({Path(entry['sampling']['grid_png']).name})"]
+            conditions = entry.get("conditions") or {}
+            if conditions:
+                lines += ["", f"Conditions: {conditions['kind']}"
+                          + (f" -- **warning**: {conditions['warning']}" if conditions.get("warning") else "")]
         else:
             lines += [f"- {key}: {_fmt(value) if not isinstance(value, dict) else json.dumps(value)}"
                       for key, value in entry.items()]

@@ -52,3 +52,54 @@ def foreign_checkpoint(tmp_path: Path) -> Path:
     root = tmp_path / "foreign"
     UNet2DConditionModel(**tiny_unet_config()).save_pretrained(root / "unet", safe_serialization=True)
     return root
+
+
+# A tiny CLIP in SD's layout (text_encoder/ + tokenizer/): a character-level BPE vocabulary with a few merges,
+# written as the vocab.json / merges.txt / tokenizer_config.json files a real checkpoint ships.
+CLIP_HIDDEN = 16
+CLIP_MAX_LENGTH = 12
+
+
+def write_tiny_clip(root: Path, hidden: int = CLIP_HIDDEN, max_length: int = CLIP_MAX_LENGTH, seed: int = 0) -> None:
+    import json
+    import string
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    letters = string.ascii_lowercase
+    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(f"{c}</w>" for c in letters),
+              "ca", "cat</w>", "do", "dog</w>"]
+    tokenizer_dir = root / "tokenizer"
+    tokenizer_dir.mkdir(parents=True)
+    (tokenizer_dir / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
+    (tokenizer_dir / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\nd o\ndo g</w>\n")
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": max_length}))
+    config = CLIPTextConfig(vocab_size=len(tokens), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    torch.manual_seed(seed)
+    CLIPTextModel(config).eval().save_pretrained(root / "text_encoder", safe_serialization=True)
+
+
+@pytest.fixture
+def tiny_clip_writer():
+    """``write_tiny_clip`` for tests that need another text encoder (e.g. another width)."""
+    return write_tiny_clip
+
+
+@pytest.fixture
+def clip_checkpoint(tmp_path: Path) -> Path:
+    """SD1.x's layout at toy size: unet/ (cross-attention width = the text encoder's), text_encoder/, tokenizer/."""
+    from tinymodels import make_tiny_unet
+
+    root = tmp_path / "tiny-clip-sd"
+    make_tiny_unet(cross_attention_dim=CLIP_HIDDEN).save_pretrained(root / "unet")
+    write_tiny_clip(root)
+    return root
+
+
+@pytest.fixture
+def prompts_file(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("a cat\na red dog\nthe dog sat\n")
+    return path

@@ -16,9 +16,10 @@ from lowbit_deploy.models.loading import SD15_DDPM_CONFIG
 
 
 def test_import_is_cheap():
-    code = "import sys, lowbit_deploy.models; print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    code = ("import sys, lowbit_deploy.models; "
+            "print(*(name in sys.modules for name in ('torch', 'diffusers', 'transformers')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["False", "False"]
+    assert result.stdout.split() == ["False", "False", "False"]
 
 
 def test_default_model_loads_and_runs(default_bundle):
@@ -138,3 +139,142 @@ def test_missing_tensors_are_not_silently_initialised(foreign_checkpoint):
     save_file(state, str(weights))
     with pytest.raises(UserError, match="missing_keys: conv_in.weight.*belong together"):
         load_model(foreign_checkpoint)
+
+
+# Variant weight files: diffusion_pytorch_model.<variant>.safetensors, as save_pretrained(variant=...) writes them.
+def _save_variant(unet, folder: Path, variant: str, **options) -> None:
+    import copy
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[variant]
+    copy.deepcopy(unet).to(dtype).save_pretrained(folder, variant=variant, safe_serialization=True, **options)
+
+
+@pytest.fixture
+def fp16_checkpoint(tmp_path: Path) -> Path:
+    """SD's layout with only fp16 variant weights in unet/ (as many hub checkpoints ship them)."""
+    from diffusers import UNet2DConditionModel
+
+    from conftest import tiny_unet_config
+
+    torch.manual_seed(0)
+    root = tmp_path / "fp16-only"
+    _save_variant(UNet2DConditionModel(**tiny_unet_config()), root / "unet", "fp16")
+    return root
+
+
+def test_variant_only_folder_names_the_folder_files_and_option(fp16_checkpoint):
+    with pytest.raises(UserError) as caught:
+        load_model(fp16_checkpoint)
+    message = str(caught.value)
+    # The UNet's own folder (not the checkpoint root, as diffusers' message said), the files, and the fix.
+    assert f"{(fp16_checkpoint / 'unet').resolve()} holds only variant weight files" in message
+    assert "diffusion_pytorch_model.fp16.safetensors" in message
+    assert "`--variant fp16`" in message and "model.variant" in message
+
+
+@pytest.mark.parametrize("variant", ["fp16", "bf16"])
+@pytest.mark.parametrize("layout", ["unet_subfolder", "bare_unet_folder"])
+def test_variant_weights_load_as_float32(tmp_path, variant, layout):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from conftest import tiny_unet_config
+
+    torch.manual_seed(0)
+    root = tmp_path / "checkpoint"
+    folder = root / "unet" if layout == "unet_subfolder" else root
+    _save_variant(UNet2DConditionModel(**tiny_unet_config()), folder, variant)
+    stored = load_file(str(folder / f"diffusion_pytorch_model.{variant}.safetensors"))
+    bundle = load_model(root, variant=variant)
+    assert bundle.source == str(folder.resolve())
+    state = bundle.unet.state_dict()
+    assert set(state) == set(stored)
+    for name, tensor in state.items():
+        assert tensor.dtype == torch.float32, name
+        assert stored[name].dtype != torch.float32 and torch.equal(tensor, stored[name].float()), name
+    with torch.no_grad():
+        output = bundle.unet(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]),
+                             encoder_hidden_states=torch.randn(2, 77, 8)).sample
+    assert output.dtype == torch.float32 and torch.isfinite(output).all()
+
+
+def test_variant_selects_its_files_beside_plain_weights(foreign_checkpoint):
+    """A folder with both: no variant loads the float32 file exactly, ``fp16`` the rounded one."""
+    unet_dir = foreign_checkpoint / "unet"
+    plain = load_model(foreign_checkpoint).unet
+    _save_variant(plain, unet_dir, "fp16")
+    again = load_model(foreign_checkpoint).unet
+    rounded = load_model(foreign_checkpoint, variant="fp16").unet
+    for (name, original), reloaded, half in zip(plain.state_dict().items(), again.state_dict().values(),
+                                                rounded.state_dict().values()):
+        assert torch.equal(reloaded, original), name
+        assert torch.equal(half, original.half().float()), name
+    assert any(not torch.equal(half, original) for half, original in zip(rounded.parameters(), plain.parameters()))
+
+
+def test_missing_variant_lists_what_is_there(fp16_checkpoint, foreign_checkpoint):
+    with pytest.raises(UserError, match=r"no weights of variant 'bf16' \(expected diffusion_pytorch_model.bf16."
+                                         r"safetensors; found: diffusion_pytorch_model.fp16.safetensors\); pass "
+                                         r"`--variant fp16`"):
+        load_model(fp16_checkpoint, variant="bf16")
+    with pytest.raises(UserError, match=r"no weights of variant 'fp16'.*found: diffusion_pytorch_model.safetensors"
+                                        r"\); drop --variant"):
+        load_model(foreign_checkpoint, variant="fp16")
+
+
+def test_sharded_variant_loads(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from conftest import tiny_unet_config
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    root = tmp_path / "sharded"
+    _save_variant(unet, root / "unet", "fp16", max_shard_size="20KB")
+    shards = sorted(path.name for path in (root / "unet").glob("*.safetensors"))
+    assert len(shards) > 1 and all(".fp16-" in name for name in shards)
+    with pytest.raises(UserError, match="holds only variant weight files"):
+        load_model(root)
+    loaded = load_model(root, variant="fp16").unet
+    for (name, original), tensor in zip(unet.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(tensor, original.half().float()), name
+
+
+def test_variant_pickles_get_the_conversion_with_the_variant(fp16_checkpoint):
+    unet_dir = fp16_checkpoint / "unet"
+    (unet_dir / "diffusion_pytorch_model.fp16.safetensors").unlink()
+    torch.save({"dummy": torch.zeros(1)}, unet_dir / "diffusion_pytorch_model.fp16.bin")
+    with pytest.raises(UserError, match=r"only pickle weights \(diffusion_pytorch_model.fp16.bin\).*"
+                                        r"use_safetensors=False, variant='fp16'"):
+        load_model(fp16_checkpoint, variant="fp16")
+
+
+@pytest.mark.parametrize("bad", ["fp 16", "../fp16", "fp16.x"])
+def test_variant_name_is_checked(tiny_recipe_dict, bad):
+    from lowbit_deploy.recipes import parse_recipe
+
+    recipe = parse_recipe(tiny_recipe_dict)
+    assert recipe.with_variant(None) is recipe and recipe.with_variant("fp16").model.variant == "fp16"
+    with pytest.raises(UserError, match="model.variant"):
+        recipe.with_variant(bad)
+
+
+def test_variant_is_recorded_for_resume_and_validate(fp16_checkpoint, tiny_recipe_dict, tmp_path):
+    """``--variant`` reaches the checkpoint's recipe: resume without it loads the same files, validate too, and
+    another variant is refused."""
+    from lowbit_deploy.qat.checkpoint import checkpoint_recipe
+    from lowbit_deploy.qat.trainer import train
+    from lowbit_deploy.recipes import parse_recipe
+    from lowbit_deploy.validate.parity import prepare_validation
+
+    tiny_recipe_dict["train"]["steps"] = 2
+    recipe = parse_recipe(tiny_recipe_dict)
+    run_dir = tmp_path / "run"
+    train(recipe.with_variant("fp16"), run_dir, model_path=str(fp16_checkpoint), steps=1, progress=False)
+    assert checkpoint_recipe(run_dir).model.variant == "fp16"
+    result = train(recipe, run_dir, steps=2, resume=True, progress=False)
+    assert result.steps == 2 and checkpoint_recipe(run_dir).model.variant == "fp16"
+    with pytest.raises(UserError, match="the fp16 weight files, not variant bf16; pass --variant fp16"):
+        train(recipe.with_variant("bf16"), run_dir, resume=True, progress=False)
+    context = prepare_validation(run_dir)
+    assert all(p.dtype == torch.float32 for p in context.bundle.unet.parameters())
