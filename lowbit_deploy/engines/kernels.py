@@ -7,7 +7,6 @@ so it loads on machines without a GPU (the host path then runs; the device launc
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import shutil
@@ -20,35 +19,17 @@ import numpy as np
 
 from ..errors import UserError
 from ..quant import packing
+from .kernel_abi import KernelError, KernelLibrary, LowbitFormatConstants
+
+__all__ = ["KernelError", "KernelLibrary", "LowbitFormatConstants", "ensure_kernel_library", "find_nvcc",
+           "load_kernel_library", "quantize_dequantize_activation_cuda", "quantize_dequantize_activation_host",
+           "unpack_dequantize_bitstream_cuda", "unpack_dequantize_bitstream_host", "unpack_dequantize_cuda",
+           "unpack_dequantize_host"]
 
 PLUGINS_DIR = Path(__file__).resolve().parents[2] / "plugins"
 LIBRARY_NAME = "liblowbit_kernels.so"
 _SOURCE_SUFFIXES = (".cu", ".h", ".cuh", ".cpp")
 _WORD_DTYPES = {8: np.int8, 32: np.int32}
-
-
-class KernelError(RuntimeError):
-    """A kernel call returned an error code (argument error or CUDA error)."""
-
-
-class LowbitFormatConstants(ctypes.Structure):
-    """Mirror of ``LowbitFormatConstants`` in plugins/unpack_dequantize/unpackDequantizeKernel.h."""
-
-    _fields_ = [
-        ("int8_words_format_id", ctypes.c_int32),
-        ("int8_words_word_bits", ctypes.c_int32),
-        ("int32_words_format_id", ctypes.c_int32),
-        ("int32_words_word_bits", ctypes.c_int32),
-        ("min_levels", ctypes.c_int32),
-        ("max_levels", ctypes.c_int32),
-        ("op_name", ctypes.c_char_p),
-        ("plugin_namespace", ctypes.c_char_p),
-        ("op_version", ctypes.c_char_p),
-        ("bitstream_format_id", ctypes.c_int32),
-        ("bitstream_word_bits", ctypes.c_int32),
-        ("max_group_bits", ctypes.c_int32),
-        ("bitstream_op_version", ctypes.c_char_p),
-    ]
 
 
 def find_nvcc() -> str | None:
@@ -101,104 +82,6 @@ def ensure_kernel_library(plugins_dir: Path = PLUGINS_DIR) -> Path:
     return library
 
 
-class KernelLibrary:
-    """Typed wrapper around the C ABI."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lib = ctypes.CDLL(str(path))
-        args = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        self._lib.lowbit_unpack_dequantize_launch.argtypes = args + [ctypes.c_void_p]
-        self._lib.lowbit_unpack_dequantize_launch.restype = ctypes.c_int
-        self._lib.lowbit_unpack_dequantize_host.argtypes = args
-        self._lib.lowbit_unpack_dequantize_host.restype = ctypes.c_int
-        stream_args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                       ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        self._lib.lowbit_unpack_dequantize_bitstream_launch.argtypes = stream_args + [ctypes.c_void_p]
-        self._lib.lowbit_unpack_dequantize_bitstream_launch.restype = ctypes.c_int
-        self._lib.lowbit_unpack_dequantize_bitstream_host.argtypes = stream_args
-        self._lib.lowbit_unpack_dequantize_bitstream_host.restype = ctypes.c_int
-        self._lib.lowbit_bitstream_group.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int),
-                                                     ctypes.POINTER(ctypes.c_int)]
-        self._lib.lowbit_bitstream_group.restype = ctypes.c_int
-        self._lib.lowbit_format_constants.argtypes = [ctypes.POINTER(LowbitFormatConstants)]
-        self._lib.lowbit_format_constants.restype = ctypes.c_int
-        activation_args = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
-        self._lib.lowbit_quantize_dequantize_activation_launch.argtypes = activation_args + [ctypes.c_void_p]
-        self._lib.lowbit_quantize_dequantize_activation_launch.restype = ctypes.c_int
-        self._lib.lowbit_quantize_dequantize_activation_host.argtypes = activation_args
-        self._lib.lowbit_quantize_dequantize_activation_host.restype = ctypes.c_int
-        self._lib.lowbit_error_string.argtypes = [ctypes.c_int]
-        self._lib.lowbit_error_string.restype = ctypes.c_char_p
-
-    def error_string(self, code: int) -> str:
-        return self._lib.lowbit_error_string(code).decode()
-
-    def _check(self, code: int, what: str) -> None:
-        if code != 0:
-            raise KernelError(f"{what} failed with code {code}: {self.error_string(code)}")
-
-    def format_constants(self) -> dict[str, Any]:
-        constants = LowbitFormatConstants()
-        self._check(self._lib.lowbit_format_constants(ctypes.byref(constants)), "lowbit_format_constants")
-        return {name: (value.decode() if isinstance(value, bytes) else value)
-                for name, value in ((f, getattr(constants, f)) for f, _ in LowbitFormatConstants._fields_)}
-
-    def unpack_dequantize_host(self, packed_ptr: int, word_bits: int, scale_ptr: int, out_ptr: int, numel: int,
-                               channels: int, levels: int, qmin: int, codes_per_word: int) -> None:
-        code = self._lib.lowbit_unpack_dequantize_host(packed_ptr, word_bits, scale_ptr, out_ptr, numel, channels,
-                                                       levels, qmin, codes_per_word)
-        self._check(code, "lowbit_unpack_dequantize_host")
-
-    def unpack_dequantize_launch(self, packed_ptr: int, word_bits: int, scale_ptr: int, out_ptr: int, numel: int,
-                                 channels: int, levels: int, qmin: int, codes_per_word: int, stream: int) -> None:
-        """Device pointers and a cudaStream_t handle (ints); asynchronous on ``stream``."""
-        code = self._lib.lowbit_unpack_dequantize_launch(packed_ptr, word_bits, scale_ptr, out_ptr, numel, channels,
-                                                         levels, qmin, codes_per_word, stream)
-        self._check(code, "lowbit_unpack_dequantize_launch")
-
-    def bitstream_group(self, levels: int) -> tuple[int, int]:
-        """``(g, B)`` from the C++ twin of ``packing.bitstream_group``."""
-        size, bits = ctypes.c_int(), ctypes.c_int()
-        self._check(self._lib.lowbit_bitstream_group(levels, ctypes.byref(size), ctypes.byref(bits)),
-                    "lowbit_bitstream_group")
-        return size.value, bits.value
-
-    def unpack_dequantize_bitstream_host(self, packed_ptr: int, num_bytes: int, scale_ptr: int, out_ptr: int,
-                                         numel: int, channels: int, levels: int, qmin: int, group_size: int,
-                                         group_bits: int) -> None:
-        code = self._lib.lowbit_unpack_dequantize_bitstream_host(packed_ptr, num_bytes, scale_ptr, out_ptr, numel,
-                                                                 channels, levels, qmin, group_size, group_bits)
-        self._check(code, "lowbit_unpack_dequantize_bitstream_host")
-
-    def unpack_dequantize_bitstream_launch(self, packed_ptr: int, num_bytes: int, scale_ptr: int, out_ptr: int,
-                                           numel: int, channels: int, levels: int, qmin: int, group_size: int,
-                                           group_bits: int, stream: int) -> None:
-        """v2 on device pointers and a cudaStream_t handle (ints); asynchronous on ``stream``."""
-        code = self._lib.lowbit_unpack_dequantize_bitstream_launch(packed_ptr, num_bytes, scale_ptr, out_ptr, numel,
-                                                                   channels, levels, qmin, group_size, group_bits,
-                                                                   stream)
-        self._check(code, "lowbit_unpack_dequantize_bitstream_launch")
-
-    def quantize_dequantize_activation_host(self, x_ptr: int, scale_ptr: int, step_index_ptr: int,
-                                            zero_point_ptr: int | None, out_ptr: int, batch: int, per_sample: int,
-                                            steps: int, qmin: int, qmax: int) -> None:
-        """lowbit::QuantizeDequantizeActivation on host pointers (``zero_point_ptr`` None: symmetric grid)."""
-        code = self._lib.lowbit_quantize_dequantize_activation_host(x_ptr, scale_ptr, step_index_ptr, zero_point_ptr,
-                                                                    out_ptr, batch, per_sample, steps, qmin, qmax)
-        self._check(code, "lowbit_quantize_dequantize_activation_host")
-
-    def quantize_dequantize_activation_launch(self, x_ptr: int, scale_ptr: int, step_index_ptr: int,
-                                              zero_point_ptr: int | None, out_ptr: int, batch: int, per_sample: int,
-                                              steps: int, qmin: int, qmax: int, stream: int) -> None:
-        """Same on device pointers and a cudaStream_t handle (ints); asynchronous on ``stream``."""
-        code = self._lib.lowbit_quantize_dequantize_activation_launch(x_ptr, scale_ptr, step_index_ptr,
-                                                                      zero_point_ptr, out_ptr, batch, per_sample,
-                                                                      steps, qmin, qmax, stream)
-        self._check(code, "lowbit_quantize_dequantize_activation_launch")
-
-
 @lru_cache(maxsize=None)
 def load_kernel_library(path: Path | None = None) -> KernelLibrary:
     """The loaded library (built first if needed); cached per process."""
@@ -227,36 +110,88 @@ def _check_arguments(packed_dtype: np.dtype, scale_dtype: np.dtype, levels: int,
     return numel
 
 
+_OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+def _out_fp16(out_dtype: Any) -> bool:
+    """True for a float16 output, False for float32 (numpy or torch dtypes, or their names)."""
+    try:  # numpy dtypes, types and names; torch dtypes by their name ("torch.float16")
+        dtype = np.dtype(str(out_dtype).removeprefix("torch.") if "torch." in str(out_dtype) else out_dtype)
+    except TypeError:
+        dtype = None
+    if dtype not in _OUT_DTYPES:
+        raise ValueError(f"the output dtype must be float32 or float16, got {out_dtype}")
+    return dtype == np.float16
+
+
+def _host_output(shape: Sequence[int], out_dtype: Any, max_blocks: int | None) -> tuple[np.ndarray, bool]:
+    if max_blocks is not None and max_blocks < 1:
+        raise ValueError(f"max_blocks must be at least 1, got {max_blocks}")
+    fp16 = _out_fp16(out_dtype)
+    return np.empty(tuple(int(d) for d in shape), dtype=np.float16 if fp16 else np.float32), fp16
+
+
+def _cuda_output(reference: Any, shape: Sequence[int], out_dtype: Any, out: Any | None) -> tuple[Any, bool]:
+    """A new CUDA tensor on ``reference``'s device, or ``out`` checked (contiguous, dtype, element count, device)."""
+    import torch  # lazy: only the torch wrappers need it
+
+    fp16 = _out_fp16(out_dtype)
+    dtype = torch.float16 if fp16 else torch.float32
+    shape = tuple(int(d) for d in shape)
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=reference.device), fp16
+    if out.dtype != dtype or not out.is_contiguous() or out.numel() != int(np.prod(shape)) or \
+            out.device != reference.device:
+        raise ValueError(f"out must be a contiguous {dtype} tensor of {int(np.prod(shape))} elements on "
+                         f"{reference.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out, fp16
+
+
+def _cuda_inputs(packed: Any, scale_fp16: Any) -> tuple[Any, Any, np.dtype, np.dtype]:
+    packed = packed.contiguous().reshape(-1)
+    scale_fp16 = scale_fp16.contiguous().reshape(-1)
+    if not (packed.is_cuda and scale_fp16.is_cuda):
+        raise ValueError("packed and scale_fp16 must be CUDA tensors")
+    return (packed, scale_fp16, np.dtype(str(packed.dtype).removeprefix("torch.")),
+            np.dtype(str(scale_fp16.dtype).removeprefix("torch.")))
+
+
 def unpack_dequantize_host(packed: np.ndarray, scale_fp16: np.ndarray, levels: int, qmin: int, word_bits: int,
-                           codes_per_word: int, shape: Sequence[int]) -> np.ndarray:
-    """Dense float32 weight of ``shape`` decoded by the C++ host path (same decode function as the CUDA kernel)."""
+                           codes_per_word: int, shape: Sequence[int], out_dtype: Any = np.float32,
+                           max_blocks: int | None = None) -> np.ndarray:
+    """Dense weight of ``shape`` decoded by the C++ host path (the same per-thread function as the CUDA kernel, over
+    the same grid): float32, or float16 rounded to nearest even from the float32 value. ``max_blocks`` caps the grid
+    (tests: several loop iterations per thread on a small weight)."""
     packed = np.ascontiguousarray(packed).reshape(-1)
     scale_fp16 = np.ascontiguousarray(scale_fp16).reshape(-1)
     numel = _check_arguments(packed.dtype, scale_fp16.dtype, levels, word_bits, codes_per_word, shape, packed.size,
                              scale_fp16.size)
-    out = np.empty(tuple(int(d) for d in shape), dtype=np.float32)
-    load_kernel_library().unpack_dequantize_host(packed.ctypes.data, word_bits, scale_fp16.ctypes.data,
-                                                 out.ctypes.data, numel, int(shape[0]), levels, qmin, codes_per_word)
+    out, fp16 = _host_output(shape, out_dtype, max_blocks)
+    library = load_kernel_library()
+    if max_blocks is None:
+        library.unpack_dequantize_host(packed.ctypes.data, word_bits, scale_fp16.ctypes.data, out.ctypes.data, numel,
+                                       int(shape[0]), levels, qmin, codes_per_word, out_fp16=fp16)
+    else:
+        library.unpack_dequantize_host_grid(packed.ctypes.data, word_bits, scale_fp16.ctypes.data, out.ctypes.data,
+                                            fp16, numel, int(shape[0]), levels, qmin, codes_per_word, max_blocks)
     return out
 
 
 def unpack_dequantize_cuda(packed: Any, scale_fp16: Any, levels: int, qmin: int, word_bits: int,
-                           codes_per_word: int, shape: Sequence[int]) -> Any:
-    """Same on torch CUDA tensors, launched on torch's current stream; returns a float32 CUDA tensor."""
+                           codes_per_word: int, shape: Sequence[int], out_dtype: Any = "float32",
+                           out: Any | None = None) -> Any:
+    """Same on torch CUDA tensors, launched on torch's current stream: a new float32 (or float16) CUDA tensor, or
+    the decode written into ``out`` (a preallocated contiguous tensor of that dtype: benchmarks, graph capture)."""
     import torch  # lazy: torch is only needed for this convenience wrapper
 
-    packed = packed.contiguous().reshape(-1)
-    scale_fp16 = scale_fp16.contiguous().reshape(-1)
-    numel = _check_arguments(np.dtype(str(packed.dtype).removeprefix("torch.")),
-                             np.dtype(str(scale_fp16.dtype).removeprefix("torch.")), levels, word_bits,
-                             codes_per_word, shape, packed.numel(), scale_fp16.numel())
-    if not (packed.is_cuda and scale_fp16.is_cuda):
-        raise ValueError("packed and scale_fp16 must be CUDA tensors")
-    out = torch.empty(tuple(int(d) for d in shape), dtype=torch.float32, device=packed.device)
+    packed, scale_fp16, packed_dtype, scale_dtype = _cuda_inputs(packed, scale_fp16)
+    numel = _check_arguments(packed_dtype, scale_dtype, levels, word_bits, codes_per_word, shape, packed.numel(),
+                             scale_fp16.numel())
+    out, fp16 = _cuda_output(packed, shape, out_dtype, out)
     stream = torch.cuda.current_stream(packed.device).cuda_stream
     load_kernel_library().unpack_dequantize_launch(packed.data_ptr(), word_bits, scale_fp16.data_ptr(),
                                                    out.data_ptr(), numel, int(shape[0]), levels, qmin,
-                                                   codes_per_word, stream)
+                                                   codes_per_word, stream, out_fp16=fp16)
     return out
 
 
@@ -282,38 +217,43 @@ def _check_bitstream_arguments(packed_dtype: np.dtype, scale_dtype: np.dtype, le
 
 
 def unpack_dequantize_bitstream_host(packed: np.ndarray, scale_fp16: np.ndarray, levels: int, qmin: int,
-                                     group_size: int, group_bits: int, shape: Sequence[int]) -> np.ndarray:
-    """Op v2: dense float32 weight of ``shape`` decoded from the bit stream by the C++ host path (same decode
-    function as the CUDA kernel)."""
+                                     group_size: int, group_bits: int, shape: Sequence[int],
+                                     out_dtype: Any = np.float32, max_blocks: int | None = None) -> np.ndarray:
+    """Op v2: dense weight of ``shape`` decoded from the bit stream by the C++ host path (the same per-thread
+    function as the CUDA kernel); float32 or float16, ``max_blocks`` as in :func:`unpack_dequantize_host`."""
     packed = np.ascontiguousarray(packed).reshape(-1)
     scale_fp16 = np.ascontiguousarray(scale_fp16).reshape(-1)
     numel = _check_bitstream_arguments(packed.dtype, scale_fp16.dtype, levels, group_size, group_bits, shape,
                                        packed.size, scale_fp16.size)
-    out = np.empty(tuple(int(d) for d in shape), dtype=np.float32)
-    load_kernel_library().unpack_dequantize_bitstream_host(packed.ctypes.data, packed.size, scale_fp16.ctypes.data,
-                                                           out.ctypes.data, numel, int(shape[0]), levels, qmin,
-                                                           group_size, group_bits)
+    out, fp16 = _host_output(shape, out_dtype, max_blocks)
+    library = load_kernel_library()
+    if max_blocks is None:
+        library.unpack_dequantize_bitstream_host(packed.ctypes.data, packed.size, scale_fp16.ctypes.data,
+                                                 out.ctypes.data, numel, int(shape[0]), levels, qmin, group_size,
+                                                 group_bits, out_fp16=fp16)
+    else:
+        library.unpack_dequantize_bitstream_host_grid(packed.ctypes.data, packed.size, scale_fp16.ctypes.data,
+                                                      out.ctypes.data, fp16, numel, int(shape[0]), levels, qmin,
+                                                      group_size, group_bits, max_blocks)
     return out
 
 
 def unpack_dequantize_bitstream_cuda(packed: Any, scale_fp16: Any, levels: int, qmin: int, group_size: int,
-                                     group_bits: int, shape: Sequence[int]) -> Any:
-    """Op v2 on torch CUDA tensors, launched on torch's current stream; returns a float32 CUDA tensor."""
+                                     group_bits: int, shape: Sequence[int], out_dtype: Any = "float32",
+                                     out: Any | None = None) -> Any:
+    """Op v2 on torch CUDA tensors, launched on torch's current stream; ``out_dtype`` and ``out`` as in
+    :func:`unpack_dequantize_cuda`."""
     import torch  # lazy: torch is only needed for this convenience wrapper
 
-    packed = packed.contiguous().reshape(-1)
-    scale_fp16 = scale_fp16.contiguous().reshape(-1)
-    numel = _check_bitstream_arguments(np.dtype(str(packed.dtype).removeprefix("torch.")),
-                                       np.dtype(str(scale_fp16.dtype).removeprefix("torch.")), levels, group_size,
-                                       group_bits, shape, packed.numel(), scale_fp16.numel())
-    if not (packed.is_cuda and scale_fp16.is_cuda):
-        raise ValueError("packed and scale_fp16 must be CUDA tensors")
-    out = torch.empty(tuple(int(d) for d in shape), dtype=torch.float32, device=packed.device)
+    packed, scale_fp16, packed_dtype, scale_dtype = _cuda_inputs(packed, scale_fp16)
+    numel = _check_bitstream_arguments(packed_dtype, scale_dtype, levels, group_size, group_bits, shape,
+                                       packed.numel(), scale_fp16.numel())
+    out, fp16 = _cuda_output(packed, shape, out_dtype, out)
     stream = torch.cuda.current_stream(packed.device).cuda_stream
     load_kernel_library().unpack_dequantize_bitstream_launch(packed.data_ptr(), packed.numel(),
                                                              scale_fp16.data_ptr(), out.data_ptr(), numel,
                                                              int(shape[0]), levels, qmin, group_size, group_bits,
-                                                             stream)
+                                                             stream, out_fp16=fp16)
     return out
 
 

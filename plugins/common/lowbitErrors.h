@@ -19,6 +19,8 @@ extern "C"
 #define LOWBIT_ERR_BAD_GRID (-8)
 #define LOWBIT_ERR_BAD_STEPS (-9)
 #define LOWBIT_ERR_BAD_ACTIVATION_SHAPE (-10)
+// Test hooks (lowbit_unpack_dequantize*_host_grid)
+#define LOWBIT_ERR_BAD_MAX_BLOCKS (-11)
 
 //! A static string describing `code` (never null).
 char const* lowbit_error_string(int code);

@@ -1,5 +1,5 @@
-// lowbit::UnpackDequantize v2 (docs/ops/UnpackDequantize_v2.md): the bit-stream decode, device and host. The decode
-// itself is decodeBitstreamElement in unpackDequantizeKernel.h, shared by both paths.
+// lowbit::UnpackDequantize v2 (docs/ops/UnpackDequantize_v2.md): the bit-stream decode, device and host, float32 or
+// float16 output. The per-thread decode is unpackBitstreamThread in unpackDequantizeDecode.h, shared by both paths.
 #include "unpackDequantizeKernel.h"
 
 #include "../common/lowbitFormat.h"
@@ -8,22 +8,14 @@ namespace lowbit
 {
 namespace
 {
-constexpr int kTHREADS_PER_BLOCK = 256;
-// Grid-stride loop beyond this many blocks: keeps launches valid for huge weights without a 64-bit grid.
-constexpr int64_t kMAX_BLOCKS = 65535;
-
-// One thread per output element: neighbouring threads store neighbouring floats (coalesced) and read the same few
-// stream bytes (served by L1), which beats one thread per group whose g stores per thread are strided by g.
-__global__ void unpackDequantizeBitstreamKernel(uint8_t const* __restrict__ packed, int64_t numBytes,
-    uint16_t const* __restrict__ scaleFp16, float* __restrict__ out, int64_t numel, int64_t perChannel,
-    uint32_t levels, int32_t qmin, int32_t groupSize, int32_t groupBits)
+// Thread t of a block decodes digit t % g of group t / g: neighbouring threads store neighbouring outputs
+// (coalesced) and read the same few stream words (served by L1).
+template <typename Out>
+__global__ void __launch_bounds__(kDECODE_THREADS) unpackDequantizeBitstreamKernel(BitstreamDecodePlan const plan,
+    uint8_t const* __restrict__ packed, uint16_t const* __restrict__ scaleFp16, Out* __restrict__ out)
 {
-    int64_t const stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-    for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < numel; index += stride)
-    {
-        out[index] = decodeBitstreamElement(
-            packed, numBytes, index, perChannel, levels, qmin, groupSize, groupBits, scaleFp16);
-    }
+    unpackBitstreamThread(plan, packed, scaleFp16, out, static_cast<int64_t>(blockIdx.x),
+        static_cast<int32_t>(threadIdx.x));
 }
 
 int validateBitstream(int64_t numBytes, int64_t numel, int64_t channels, int levels, int groupSize, int groupBits)
@@ -50,27 +42,75 @@ int validateBitstream(int64_t numBytes, int64_t numel, int64_t channels, int lev
 }
 } // namespace
 
+template <typename Out>
 cudaError_t launchUnpackDequantizeBitstream(uint8_t const* packed, int64_t numBytes, uint16_t const* scaleFp16,
-    float* out, int64_t numel, int64_t channels, int32_t levels, int32_t qmin, int32_t groupSize, int32_t groupBits,
+    Out* out, int64_t numel, int64_t channels, int32_t levels, int32_t qmin, int32_t groupSize, int32_t groupBits,
     cudaStream_t stream)
 {
-    int64_t blocks = (numel + kTHREADS_PER_BLOCK - 1) / kTHREADS_PER_BLOCK;
-    blocks = blocks < kMAX_BLOCKS ? blocks : kMAX_BLOCKS;
-    unpackDequantizeBitstreamKernel<<<static_cast<unsigned>(blocks), kTHREADS_PER_BLOCK, 0, stream>>>(packed,
-        numBytes, scaleFp16, out, numel, numel / channels, static_cast<uint32_t>(levels), qmin, groupSize, groupBits);
+    BitstreamDecodePlan const plan
+        = makeBitstreamPlan(numBytes, numel, channels, levels, qmin, groupSize, groupBits, kDECODE_MAX_BLOCKS);
+    unpackDequantizeBitstreamKernel<Out><<<static_cast<unsigned>(plan.grid.blocks),
+        static_cast<unsigned>(plan.grid.blockThreads), 0, stream>>>(plan, packed, scaleFp16, out);
     return cudaGetLastError();
 }
 
-void unpackDequantizeBitstreamHost(uint8_t const* packed, int64_t numBytes, uint16_t const* scaleFp16, float* out,
-    int64_t numel, int64_t channels, int32_t levels, int32_t qmin, int32_t groupSize, int32_t groupBits)
+template <typename Out>
+void unpackDequantizeBitstreamHost(uint8_t const* packed, int64_t numBytes, uint16_t const* scaleFp16, Out* out,
+    int64_t numel, int64_t channels, int32_t levels, int32_t qmin, int32_t groupSize, int32_t groupBits,
+    int64_t maxBlocks)
 {
-    int64_t const perChannel = numel / channels;
-    for (int64_t index = 0; index < numel; ++index)
+    BitstreamDecodePlan const plan
+        = makeBitstreamPlan(numBytes, numel, channels, levels, qmin, groupSize, groupBits, maxBlocks);
+    for (int64_t block = 0; block < plan.grid.blocks; ++block)
     {
-        out[index] = decodeBitstreamElement(packed, numBytes, index, perChannel, static_cast<uint32_t>(levels), qmin,
-            groupSize, groupBits, scaleFp16);
+        for (int32_t thread = 0; thread < plan.grid.blockThreads; ++thread)
+        {
+            unpackBitstreamThread(plan, packed, scaleFp16, out, block, thread);
+        }
     }
 }
+
+template cudaError_t launchUnpackDequantizeBitstream<float>(uint8_t const*, int64_t, uint16_t const*, float*, int64_t,
+    int64_t, int32_t, int32_t, int32_t, int32_t, cudaStream_t);
+template cudaError_t launchUnpackDequantizeBitstream<uint16_t>(uint8_t const*, int64_t, uint16_t const*, uint16_t*,
+    int64_t, int64_t, int32_t, int32_t, int32_t, int32_t, cudaStream_t);
+template void unpackDequantizeBitstreamHost<float>(
+    uint8_t const*, int64_t, uint16_t const*, float*, int64_t, int64_t, int32_t, int32_t, int32_t, int32_t, int64_t);
+template void unpackDequantizeBitstreamHost<uint16_t>(uint8_t const*, int64_t, uint16_t const*, uint16_t*, int64_t,
+    int64_t, int32_t, int32_t, int32_t, int32_t, int64_t);
+
+namespace
+{
+//! Validates, then runs the device launch (stream given) or the host path.
+template <typename Out>
+int dispatchBitstream(void const* packed, int64_t numBytes, uint16_t const* scaleFp16, Out* out, int64_t numel,
+    int64_t channels, int levels, int qmin, int groupSize, int groupBits, bool onDevice, cudaStream_t stream,
+    int64_t maxBlocks)
+{
+    int const status = validateBitstream(numBytes, numel, channels, levels, groupSize, groupBits);
+    if (status != 0)
+    {
+        return status;
+    }
+    if (packed == nullptr || scaleFp16 == nullptr || out == nullptr)
+    {
+        return LOWBIT_ERR_NULL_POINTER;
+    }
+    if (maxBlocks < 1)
+    {
+        return LOWBIT_ERR_BAD_MAX_BLOCKS;
+    }
+    auto const* stream8 = static_cast<uint8_t const*>(packed);
+    if (onDevice)
+    {
+        return static_cast<int>(launchUnpackDequantizeBitstream(
+            stream8, numBytes, scaleFp16, out, numel, channels, levels, qmin, groupSize, groupBits, stream));
+    }
+    unpackDequantizeBitstreamHost(
+        stream8, numBytes, scaleFp16, out, numel, channels, levels, qmin, groupSize, groupBits, maxBlocks);
+    return 0;
+}
+} // namespace
 
 } // namespace lowbit
 
@@ -80,34 +120,41 @@ int lowbit_unpack_dequantize_bitstream_launch(void const* packed, int64_t num_by
     float* out, int64_t numel, int64_t channels, int levels, int qmin, int group_size, int group_bits,
     cudaStream_t stream)
 {
-    int const status = lowbit::validateBitstream(num_bytes, numel, channels, levels, group_size, group_bits);
-    if (status != 0)
-    {
-        return status;
-    }
-    if (packed == nullptr || scale_fp16 == nullptr || out == nullptr)
-    {
-        return LOWBIT_ERR_NULL_POINTER;
-    }
-    return static_cast<int>(lowbit::launchUnpackDequantizeBitstream(static_cast<uint8_t const*>(packed), num_bytes,
-        scale_fp16, out, numel, channels, levels, qmin, group_size, group_bits, stream));
+    return lowbit::dispatchBitstream(packed, num_bytes, scale_fp16, out, numel, channels, levels, qmin, group_size,
+        group_bits, true, stream, lowbit::kDECODE_MAX_BLOCKS);
+}
+
+int lowbit_unpack_dequantize_bitstream_launch_fp16(void const* packed, int64_t num_bytes, uint16_t const* scale_fp16,
+    uint16_t* out, int64_t numel, int64_t channels, int levels, int qmin, int group_size, int group_bits,
+    cudaStream_t stream)
+{
+    return lowbit::dispatchBitstream(packed, num_bytes, scale_fp16, out, numel, channels, levels, qmin, group_size,
+        group_bits, true, stream, lowbit::kDECODE_MAX_BLOCKS);
 }
 
 int lowbit_unpack_dequantize_bitstream_host(void const* packed, int64_t num_bytes, uint16_t const* scale_fp16,
     float* out, int64_t numel, int64_t channels, int levels, int qmin, int group_size, int group_bits)
 {
-    int const status = lowbit::validateBitstream(num_bytes, numel, channels, levels, group_size, group_bits);
-    if (status != 0)
-    {
-        return status;
-    }
-    if (packed == nullptr || scale_fp16 == nullptr || out == nullptr)
-    {
-        return LOWBIT_ERR_NULL_POINTER;
-    }
-    lowbit::unpackDequantizeBitstreamHost(static_cast<uint8_t const*>(packed), num_bytes, scale_fp16, out, numel,
-        channels, levels, qmin, group_size, group_bits);
-    return 0;
+    return lowbit::dispatchBitstream(packed, num_bytes, scale_fp16, out, numel, channels, levels, qmin, group_size,
+        group_bits, false, nullptr, lowbit::kDECODE_MAX_BLOCKS);
+}
+
+int lowbit_unpack_dequantize_bitstream_host_fp16(void const* packed, int64_t num_bytes, uint16_t const* scale_fp16,
+    uint16_t* out, int64_t numel, int64_t channels, int levels, int qmin, int group_size, int group_bits)
+{
+    return lowbit::dispatchBitstream(packed, num_bytes, scale_fp16, out, numel, channels, levels, qmin, group_size,
+        group_bits, false, nullptr, lowbit::kDECODE_MAX_BLOCKS);
+}
+
+int lowbit_unpack_dequantize_bitstream_host_grid(void const* packed, int64_t num_bytes, uint16_t const* scale_fp16,
+    void* out, int out_fp16, int64_t numel, int64_t channels, int levels, int qmin, int group_size, int group_bits,
+    int64_t max_blocks)
+{
+    return out_fp16 != 0
+        ? lowbit::dispatchBitstream(packed, num_bytes, scale_fp16, static_cast<uint16_t*>(out), numel, channels,
+            levels, qmin, group_size, group_bits, false, nullptr, max_blocks)
+        : lowbit::dispatchBitstream(packed, num_bytes, scale_fp16, static_cast<float*>(out), numel, channels, levels,
+            qmin, group_size, group_bits, false, nullptr, max_blocks);
 }
 
 int lowbit_bitstream_group(int levels, int* group_size, int* group_bits)

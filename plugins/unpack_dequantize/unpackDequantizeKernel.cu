@@ -1,3 +1,5 @@
+// lowbit::UnpackDequantize v1 (docs/ops/UnpackDequantize_v1.md): the word-format decode, device and host, float32 or
+// float16 output. The per-thread decode is unpackWordsThread in unpackDequantizeDecode.h, shared by both paths.
 #include "unpackDequantizeKernel.h"
 
 #include "../common/lowbitFormat.h"
@@ -6,21 +8,13 @@ namespace lowbit
 {
 namespace
 {
-constexpr int kTHREADS_PER_BLOCK = 256;
-// Grid-stride loop beyond this many blocks: keeps launches valid for huge weights without a 64-bit grid.
-constexpr int64_t kMAX_BLOCKS = 65535;
-
-template <typename Word>
-__global__ void unpackDequantizeKernel(Word const* __restrict__ packed, uint16_t const* __restrict__ scaleFp16,
-    float* __restrict__ out, int64_t numWords, int64_t numel, int64_t perChannel, uint32_t levels, int32_t qmin,
-    int32_t codesPerWord)
+// Thread t of a block decodes digit t % k of word t / k (see unpackDequantizeDecode.h): neighbouring threads store
+// neighbouring outputs (coalesced), and the k threads of a word read it once from L1.
+template <typename Word, typename Out>
+__global__ void __launch_bounds__(kDECODE_THREADS) unpackDequantizeKernel(WordDecodePlan const plan,
+    Word const* __restrict__ packed, uint16_t const* __restrict__ scaleFp16, Out* __restrict__ out)
 {
-    int64_t const stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-    for (int64_t word = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; word < numWords; word += stride)
-    {
-        decodeWord(static_cast<uint32_t>(packed[word]), word * codesPerWord, numel, perChannel, levels, qmin,
-            codesPerWord, scaleFp16, out);
-    }
+    unpackWordsThread(plan, packed, scaleFp16, out, static_cast<int64_t>(blockIdx.x), static_cast<int32_t>(threadIdx.x));
 }
 
 int validate(int wordBits, int64_t numel, int64_t channels, int levels, int codesPerWord)
@@ -43,40 +37,89 @@ int validate(int wordBits, int64_t numel, int64_t channels, int levels, int code
     }
     return 0;
 }
+
+//! Validates, then runs the device launch (stream given) or the host path, for either word width.
+template <typename Out>
+int dispatch(void const* packed, int wordBits, uint16_t const* scaleFp16, Out* out, int64_t numel, int64_t channels,
+    int levels, int qmin, int codesPerWord, bool onDevice, cudaStream_t stream, int64_t maxBlocks)
+{
+    int const status = validate(wordBits, numel, channels, levels, codesPerWord);
+    if (status != 0)
+    {
+        return status;
+    }
+    if (packed == nullptr || scaleFp16 == nullptr || out == nullptr)
+    {
+        return LOWBIT_ERR_NULL_POINTER;
+    }
+    if (maxBlocks < 1)
+    {
+        return LOWBIT_ERR_BAD_MAX_BLOCKS;
+    }
+    bool const bytes = wordBits == kINT8_WORDS_WORD_BITS;
+    if (onDevice)
+    {
+        cudaError_t const error = bytes
+            ? launchUnpackDequantize(static_cast<uint8_t const*>(packed), scaleFp16, out, numel, channels, levels, qmin,
+                codesPerWord, stream)
+            : launchUnpackDequantize(static_cast<uint32_t const*>(packed), scaleFp16, out, numel, channels, levels,
+                qmin, codesPerWord, stream);
+        return static_cast<int>(error);
+    }
+    if (bytes)
+    {
+        unpackDequantizeHost(static_cast<uint8_t const*>(packed), scaleFp16, out, numel, channels, levels, qmin,
+            codesPerWord, maxBlocks);
+    }
+    else
+    {
+        unpackDequantizeHost(static_cast<uint32_t const*>(packed), scaleFp16, out, numel, channels, levels, qmin,
+            codesPerWord, maxBlocks);
+    }
+    return 0;
+}
 } // namespace
 
-template <typename Word>
-cudaError_t launchUnpackDequantize(Word const* packed, uint16_t const* scaleFp16, float* out, int64_t numel,
+template <typename Word, typename Out>
+cudaError_t launchUnpackDequantize(Word const* packed, uint16_t const* scaleFp16, Out* out, int64_t numel,
     int64_t channels, int32_t levels, int32_t qmin, int32_t codesPerWord, cudaStream_t stream)
 {
-    int64_t const numWords = (numel + codesPerWord - 1) / codesPerWord;
-    int64_t blocks = (numWords + kTHREADS_PER_BLOCK - 1) / kTHREADS_PER_BLOCK;
-    blocks = blocks < kMAX_BLOCKS ? blocks : kMAX_BLOCKS;
-    unpackDequantizeKernel<Word><<<static_cast<unsigned>(blocks), kTHREADS_PER_BLOCK, 0, stream>>>(packed, scaleFp16,
-        out, numWords, numel, numel / channels, static_cast<uint32_t>(levels), qmin, codesPerWord);
+    WordDecodePlan const plan = makeWordPlan(numel, channels, levels, qmin, codesPerWord, kDECODE_MAX_BLOCKS);
+    unpackDequantizeKernel<Word, Out><<<static_cast<unsigned>(plan.grid.blocks),
+        static_cast<unsigned>(plan.grid.blockThreads), 0, stream>>>(plan, packed, scaleFp16, out);
     return cudaGetLastError();
 }
 
-template <typename Word>
-void unpackDequantizeHost(Word const* packed, uint16_t const* scaleFp16, float* out, int64_t numel, int64_t channels,
-    int32_t levels, int32_t qmin, int32_t codesPerWord)
+template <typename Word, typename Out>
+void unpackDequantizeHost(Word const* packed, uint16_t const* scaleFp16, Out* out, int64_t numel, int64_t channels,
+    int32_t levels, int32_t qmin, int32_t codesPerWord, int64_t maxBlocks)
 {
-    int64_t const numWords = (numel + codesPerWord - 1) / codesPerWord;
-    for (int64_t word = 0; word < numWords; ++word)
+    WordDecodePlan const plan = makeWordPlan(numel, channels, levels, qmin, codesPerWord, maxBlocks);
+    for (int64_t block = 0; block < plan.grid.blocks; ++block)
     {
-        decodeWord(static_cast<uint32_t>(packed[word]), word * codesPerWord, numel, numel / channels,
-            static_cast<uint32_t>(levels), qmin, codesPerWord, scaleFp16, out);
+        for (int32_t thread = 0; thread < plan.grid.blockThreads; ++thread)
+        {
+            unpackWordsThread(plan, packed, scaleFp16, out, block, thread);
+        }
     }
 }
 
-template cudaError_t launchUnpackDequantize<uint8_t>(
+template cudaError_t launchUnpackDequantize<uint8_t, float>(
     uint8_t const*, uint16_t const*, float*, int64_t, int64_t, int32_t, int32_t, int32_t, cudaStream_t);
-template cudaError_t launchUnpackDequantize<uint32_t>(
+template cudaError_t launchUnpackDequantize<uint32_t, float>(
     uint32_t const*, uint16_t const*, float*, int64_t, int64_t, int32_t, int32_t, int32_t, cudaStream_t);
-template void unpackDequantizeHost<uint8_t>(
-    uint8_t const*, uint16_t const*, float*, int64_t, int64_t, int32_t, int32_t, int32_t);
-template void unpackDequantizeHost<uint32_t>(
-    uint32_t const*, uint16_t const*, float*, int64_t, int64_t, int32_t, int32_t, int32_t);
+template cudaError_t launchUnpackDequantize<uint8_t, uint16_t>(
+    uint8_t const*, uint16_t const*, uint16_t*, int64_t, int64_t, int32_t, int32_t, int32_t, cudaStream_t);
+template cudaError_t launchUnpackDequantize<uint32_t, uint16_t>(
+    uint32_t const*, uint16_t const*, uint16_t*, int64_t, int64_t, int32_t, int32_t, int32_t, cudaStream_t);
+template void unpackDequantizeHost<uint8_t, float>(
+    uint8_t const*, uint16_t const*, float*, int64_t, int64_t, int32_t, int32_t, int32_t, int64_t);
+template void unpackDequantizeHost<uint32_t, float>(
+    uint32_t const*, uint16_t const*, float*, int64_t, int64_t, int32_t, int32_t, int32_t, int64_t);
+template void unpackDequantizeHost<uint8_t, uint16_t>(
+    uint8_t const*, uint16_t const*, uint16_t*, int64_t, int64_t, int32_t, int32_t, int32_t, int64_t);
+template void unpackDequantizeHost<uint32_t, uint16_t>(
+    uint32_t const*, uint16_t const*, uint16_t*, int64_t, int64_t, int32_t, int32_t, int32_t, int64_t);
 
 } // namespace lowbit
 
@@ -99,46 +142,39 @@ int lowbit_format_constants(LowbitFormatConstants* out)
 int lowbit_unpack_dequantize_launch(void const* packed, int word_bits, uint16_t const* scale_fp16, float* out,
     int64_t numel, int64_t channels, int levels, int qmin, int codes_per_word, cudaStream_t stream)
 {
-    int const status = lowbit::validate(word_bits, numel, channels, levels, codes_per_word);
-    if (status != 0)
-    {
-        return status;
-    }
-    if (packed == nullptr || scale_fp16 == nullptr || out == nullptr)
-    {
-        return LOWBIT_ERR_NULL_POINTER;
-    }
-    cudaError_t const error = word_bits == lowbit::kINT8_WORDS_WORD_BITS
-        ? lowbit::launchUnpackDequantize(static_cast<uint8_t const*>(packed), scale_fp16, out, numel, channels,
-            levels, qmin, codes_per_word, stream)
-        : lowbit::launchUnpackDequantize(static_cast<uint32_t const*>(packed), scale_fp16, out, numel, channels,
-            levels, qmin, codes_per_word, stream);
-    return static_cast<int>(error);
+    return lowbit::dispatch(packed, word_bits, scale_fp16, out, numel, channels, levels, qmin, codes_per_word, true,
+        stream, lowbit::kDECODE_MAX_BLOCKS);
+}
+
+int lowbit_unpack_dequantize_launch_fp16(void const* packed, int word_bits, uint16_t const* scale_fp16, uint16_t* out,
+    int64_t numel, int64_t channels, int levels, int qmin, int codes_per_word, cudaStream_t stream)
+{
+    return lowbit::dispatch(packed, word_bits, scale_fp16, out, numel, channels, levels, qmin, codes_per_word, true,
+        stream, lowbit::kDECODE_MAX_BLOCKS);
 }
 
 int lowbit_unpack_dequantize_host(void const* packed, int word_bits, uint16_t const* scale_fp16, float* out,
     int64_t numel, int64_t channels, int levels, int qmin, int codes_per_word)
 {
-    int const status = lowbit::validate(word_bits, numel, channels, levels, codes_per_word);
-    if (status != 0)
-    {
-        return status;
-    }
-    if (packed == nullptr || scale_fp16 == nullptr || out == nullptr)
-    {
-        return LOWBIT_ERR_NULL_POINTER;
-    }
-    if (word_bits == lowbit::kINT8_WORDS_WORD_BITS)
-    {
-        lowbit::unpackDequantizeHost(
-            static_cast<uint8_t const*>(packed), scale_fp16, out, numel, channels, levels, qmin, codes_per_word);
-    }
-    else
-    {
-        lowbit::unpackDequantizeHost(
-            static_cast<uint32_t const*>(packed), scale_fp16, out, numel, channels, levels, qmin, codes_per_word);
-    }
-    return 0;
+    return lowbit::dispatch(packed, word_bits, scale_fp16, out, numel, channels, levels, qmin, codes_per_word, false,
+        nullptr, lowbit::kDECODE_MAX_BLOCKS);
+}
+
+int lowbit_unpack_dequantize_host_fp16(void const* packed, int word_bits, uint16_t const* scale_fp16, uint16_t* out,
+    int64_t numel, int64_t channels, int levels, int qmin, int codes_per_word)
+{
+    return lowbit::dispatch(packed, word_bits, scale_fp16, out, numel, channels, levels, qmin, codes_per_word, false,
+        nullptr, lowbit::kDECODE_MAX_BLOCKS);
+}
+
+int lowbit_unpack_dequantize_host_grid(void const* packed, int word_bits, uint16_t const* scale_fp16, void* out,
+    int out_fp16, int64_t numel, int64_t channels, int levels, int qmin, int codes_per_word, int64_t max_blocks)
+{
+    return out_fp16 != 0
+        ? lowbit::dispatch(packed, word_bits, scale_fp16, static_cast<uint16_t*>(out), numel, channels, levels, qmin,
+            codes_per_word, false, nullptr, max_blocks)
+        : lowbit::dispatch(packed, word_bits, scale_fp16, static_cast<float*>(out), numel, channels, levels, qmin,
+            codes_per_word, false, nullptr, max_blocks);
 }
 
 char const* lowbit_error_string(int code)
@@ -156,6 +192,7 @@ char const* lowbit_error_string(int code)
     case LOWBIT_ERR_BAD_GRID: return "the grid needs qmin < qmax and qmax - qmin + 1 <= 65536";
     case LOWBIT_ERR_BAD_STEPS: return "the step table (scale, zero_point) needs at least one entry";
     case LOWBIT_ERR_BAD_ACTIVATION_SHAPE: return "batch and per_sample must be >= 0 with batch * per_sample in int64";
+    case LOWBIT_ERR_BAD_MAX_BLOCKS: return "max_blocks must be at least 1";
     default: return code > 0 ? cudaGetErrorString(static_cast<cudaError_t>(code)) : "unknown lowbit error";
     }
 }

@@ -1,4 +1,5 @@
-"""The CUDA kernel (through torch CUDA tensors) equals the host reference bit-identically; engine execution."""
+"""The CUDA kernels (through torch CUDA tensors) equal the host reference bit-identically, for float32 and float16
+output; engine execution."""
 
 from __future__ import annotations
 
@@ -20,10 +21,14 @@ def _expected(codes: np.ndarray, qmin: int, scale_fp16: np.ndarray, shape: tuple
             * scale_fp16.astype(np.float32)[:, None]).reshape(shape)
 
 
+OUT_DTYPES = ["float32", "float16"]
+
+
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("fmt", WORD_FORMATS, ids=lambda f: f.value)
 @pytest.mark.parametrize("levels", LEVELS)
-def test_cuda_kernel_matches_host_and_reference(levels, fmt, shape) -> None:
+def test_cuda_kernel_matches_host_and_reference(levels, fmt, shape, out_dtype) -> None:
     import torch
 
     from lowbit_deploy.engines.kernels import unpack_dequantize_cuda, unpack_dequantize_host
@@ -36,18 +41,20 @@ def test_cuda_kernel_matches_host_and_reference(levels, fmt, shape) -> None:
     packed = packing.pack_codes(codes, levels, fmt)
     scale_fp16 = rng.normal(0, 0.05, size=shape[0]).astype(np.float16)
     qmin = -(levels // 2)
-    host = unpack_dequantize_host(packed, scale_fp16, levels, qmin, fmt.word_bits, k, shape)
+    host = unpack_dequantize_host(packed, scale_fp16, levels, qmin, fmt.word_bits, k, shape, out_dtype=out_dtype)
     device = unpack_dequantize_cuda(torch.from_numpy(packed).cuda(), torch.from_numpy(scale_fp16).cuda(), levels,
-                                    qmin, fmt.word_bits, k, shape)
+                                    qmin, fmt.word_bits, k, shape, out_dtype=out_dtype)
     torch.cuda.synchronize()
-    expected = _expected(codes, qmin, scale_fp16, shape)
-    np.testing.assert_array_equal(device.cpu().numpy().view(np.uint32), host.view(np.uint32))
-    np.testing.assert_array_equal(host.view(np.uint32), expected.view(np.uint32))
+    expected = _expected(codes, qmin, scale_fp16, shape).astype(out_dtype)
+    bits = f"u{expected.itemsize}"
+    np.testing.assert_array_equal(device.cpu().numpy().view(bits), host.view(bits))
+    np.testing.assert_array_equal(host.view(bits), expected.view(bits))
 
 
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("levels", [*range(2, 18), 256, 257, 65536])
-def test_cuda_bitstream_kernel_matches_host_and_reference(levels, shape) -> None:
+def test_cuda_bitstream_kernel_matches_host_and_reference(levels, shape, out_dtype) -> None:
     """Op v2: one thread per output element over the bit stream; equal to the host path and the reference."""
     import torch
 
@@ -60,12 +67,14 @@ def test_cuda_bitstream_kernel_matches_host_and_reference(levels, shape) -> None
     packed = packing.pack_codes(codes, levels, PackingFormat.BITSTREAM)
     scale_fp16 = rng.normal(0, 0.05, size=shape[0]).astype(np.float16)
     qmin = -(levels // 2)
-    host = unpack_dequantize_bitstream_host(packed, scale_fp16, levels, qmin, size, bits, shape)
+    host = unpack_dequantize_bitstream_host(packed, scale_fp16, levels, qmin, size, bits, shape, out_dtype=out_dtype)
     device = unpack_dequantize_bitstream_cuda(torch.from_numpy(packed).cuda(), torch.from_numpy(scale_fp16).cuda(),
-                                              levels, qmin, size, bits, shape)
+                                              levels, qmin, size, bits, shape, out_dtype=out_dtype)
     torch.cuda.synchronize()
-    np.testing.assert_array_equal(device.cpu().numpy().view(np.uint32), host.view(np.uint32))
-    np.testing.assert_array_equal(host.view(np.uint32), _expected(codes, qmin, scale_fp16, shape).view(np.uint32))
+    expected = _expected(codes, qmin, scale_fp16, shape).astype(out_dtype)
+    bits_view = f"u{expected.itemsize}"
+    np.testing.assert_array_equal(device.cpu().numpy().view(bits_view), host.view(bits_view))
+    np.testing.assert_array_equal(host.view(bits_view), expected.view(bits_view))
 
 
 ENGINE_CHAINS = {

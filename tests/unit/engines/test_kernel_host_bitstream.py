@@ -1,4 +1,4 @@
-"""The kernel library's v2 host path (decodeBitstreamElement, the same function the CUDA kernel runs) equals the
+"""The kernel library's v2 host path (unpackBitstreamThread, the same function the CUDA kernel runs) equals the
 numpy reference of the bit stream exactly; the C ABI validates its arguments on its own."""
 
 from __future__ import annotations
