@@ -21,3 +21,12 @@ def test_markdown_reports_verdict_and_not_run_artifacts():
         "sampling": {"status": "passed", "psnr_ort_vs_torch_db": 120.0, "grid_png": "/x/samples.png"}}}
     text = render_markdown(report)
     assert "**PASSED**" in text and "| tensorrt | not run: no GPU |" in text and "![samples](samples.png)" in text
+
+
+def test_markdown_states_where_conditions_came_from():
+    base = {"passed": True, "parity": [], "sampling": {"status": "passed"}}
+    warned = render_markdown({"validate": {**base, "conditions": {"kind": "random", "warning": "random conditions: "
+                                                                  "no text encoder"}}})
+    assert "Conditions: random -- **warning**: random conditions: no text encoder" in warned
+    real = render_markdown({"validate": {**base, "conditions": {"kind": "text_encoder", "prompts": 3}}})
+    assert "Conditions: text_encoder" in real and "warning" not in real
