@@ -106,10 +106,12 @@ def _fix(family: int, origin: str = ORIGIN_CHECKOUT) -> str:
 
 
 def resolve_plugin_library(family: int, path: str | os.PathLike[str] | None = None,
-                           plugins_dir: Path = PLUGINS_DIR, native_dir: Path = NATIVE_DIR) -> tuple[Path, str]:
-    """(path, origin) of the ``family`` library in the order of the module docstring. An explicit path is returned
-    even when nothing is there (the caller refuses it by name); otherwise the checkout's path is the last resort."""
+                           plugins_dir: Path | None = None, native_dir: Path | None = None) -> tuple[Path, str]:
+    """(path, origin) of the ``family`` library in the order of the module docstring (``plugins_dir`` and
+    ``native_dir`` default to :data:`PLUGINS_DIR` and :data:`NATIVE_DIR`). An explicit path is returned even when
+    nothing is there (the caller refuses it by name); otherwise the checkout's path is the last resort."""
     name = library_name(family)
+    plugins_dir, native_dir = plugins_dir or PLUGINS_DIR, native_dir or NATIVE_DIR
     if path:
         return Path(path), ORIGIN_ARGUMENT
     if os.environ.get(LIBRARY_ENV):
@@ -189,10 +191,11 @@ def creator_mismatches(found: frozenset[PluginCreator], expected: frozenset[Plug
 
 
 def check_plugin_library(backend: TensorRTBackend, path: str | os.PathLike[str] | None = None,
-                         plugins_dir: Path = PLUGINS_DIR, native_dir: Path = NATIVE_DIR) -> PluginLibrary:
+                         plugins_dir: Path | None = None, native_dir: Path | None = None) -> PluginLibrary:
     """The C++ library for ``backend``'s family (found by :func:`resolve_plugin_library`), checked as the module
     docstring says; raises :class:`PluginLibraryMissing` or :class:`UserError` naming the file and the fix."""
     family = library_family(backend)
+    plugins_dir, native_dir = plugins_dir or PLUGINS_DIR, native_dir or NATIVE_DIR
     library, origin = resolve_plugin_library(family, path, plugins_dir, native_dir)
     fix = _fix(family, origin)
     if not library.is_file():

@@ -1,19 +1,29 @@
 """Run a serialized TensorRT(-RTX) engine on a CUDA GPU with torch tensors.
 
 The engine stores only the plugin's name, namespace, version and fields, so the lowbit creators are registered before
-deserializing. Nothing here pretends on a machine without a GPU: :func:`gpu_available` says so, and constructing a
+deserializing (:func:`register_engine_plugins`): by default the C++ plugin library, found and checked like the build
+stage's (engines/plugin_library.py: explicit path, installed package, source checkout; a stale library is refused
+before the engine is read), with the Python creators standing in, and a logged note, where no library exists.
+Nothing here pretends on a machine without a GPU: :func:`gpu_available` says so, and constructing a
 :class:`TrtRunner` there raises :class:`GpuUnavailableError` whose message callers report ("not run: no GPU").
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..errors import UserError
 
+logger = logging.getLogger(__name__)
+
 NO_GPU_REASON = "not run: no GPU"
+# Which lowbit creators deserialize an engine: "auto" = the C++ library, the Python creators where it is missing.
+RUNTIME_PLUGINS = ("auto", "cpp", "python")
+DEFAULT_RUNTIME_PLUGIN = "auto"
 
 
 class GpuUnavailableError(RuntimeError):
@@ -70,13 +80,52 @@ def _torch_dtype(trt: Any, data_type: Any) -> Any:
     return table[data_type]
 
 
-class TrtRunner:
-    """Deserialize ``engine_path`` (with the lowbit plugins registered) and run it on the current CUDA device."""
+@dataclass(frozen=True)
+class PluginChoice:
+    """Which lowbit creators a process registered to deserialize engines."""
 
-    def __init__(self, engine_path: str | os.PathLike[str], backend: str | None = None) -> None:
+    kind: str  # "cpp" or "python"
+    library: Path | None  # the C++ library loaded (None for the Python creators)
+    note: str | None = None  # why the Python creators stand in for the C++ library, when they do
+
+
+def register_engine_plugins(backend: Any, plugin: str = DEFAULT_RUNTIME_PLUGIN,
+                            library_path: str | os.PathLike[str] | None = None) -> PluginChoice:
+    """Register the lowbit creators with ``backend``'s plugin registry before an engine is deserialized.
+
+    ``plugin``: "cpp" loads the C++ library (``library_path``, else the resolution order of
+    engines/plugin_library.py); "python" registers the Python creators (they need lowbit_deploy's CUDA kernel
+    library at run time); "auto" (default) is "cpp", falling back to "python" with a logged note only where no library
+    exists and none was asked for by path or ``$LOWBIT_PLUGIN_LIBRARY``. A library that exists but is stale, unmarked
+    or of another TensorRT family is a :class:`UserError` in every mode: silently running the other plugin would hide
+    it. A process that loaded the C++ library keeps it (use_plugins), so "python" after "cpp" is refused."""
+    from ..engines.plugin_library import LIBRARY_ENV, PluginLibraryMissing, use_plugins
+
+    if plugin not in RUNTIME_PLUGINS:
+        raise UserError(f"unknown runtime plugin {plugin!r}; choose one of {', '.join(RUNTIME_PLUGINS)}")
+    if plugin == "python":
+        use_plugins(backend, "python")
+        return PluginChoice("python", None)
+    try:
+        library = use_plugins(backend, "cpp", library_path)
+    except PluginLibraryMissing as missing:
+        if plugin == "cpp" or library_path or os.environ.get(LIBRARY_ENV):
+            raise
+        note = f"the Python lowbit plugin runs this engine's plugin layers: {missing}"
+        logger.warning(note)
+        use_plugins(backend, "python")
+        return PluginChoice("python", None, note)
+    return PluginChoice("cpp", library.path)
+
+
+class TrtRunner:
+    """Deserialize ``engine_path`` (with the lowbit plugins registered, see :func:`register_engine_plugins` for
+    ``plugin`` and ``plugin_library``) and run it on the current CUDA device."""
+
+    def __init__(self, engine_path: str | os.PathLike[str], backend: str | None = None,
+                 plugin: str = DEFAULT_RUNTIME_PLUGIN, plugin_library: str | os.PathLike[str] | None = None) -> None:
         if not gpu_available():
             raise GpuUnavailableError(NO_GPU_REASON)
-        from ..engines.plugin import register_plugins
         from ..engines.tensorrt_import import tensorrt_backend
 
         path = Path(engine_path)
@@ -84,7 +133,8 @@ class TrtRunner:
             raise UserError(f"engine {path} does not exist; run the build stage first")
         self.backend = tensorrt_backend(backend)
         trt = self.backend.module
-        register_plugins(trt)
+        # Before the engine is read: a missing or stale library is refused (or replaced, see above) first.
+        self.plugins = register_engine_plugins(self.backend, plugin, plugin_library)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
