@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -198,3 +199,16 @@ def test_a_missing_tool_or_failed_compile_is_a_note_never_a_failed_install(recor
     libraries, notes = setup_module.build_native_libraries()
     assert [path.name for path in libraries] == shipped
     assert len(notes) == 1 and re.search(note, notes[0]), notes
+
+
+def test_the_sdist_carries_the_native_sources_but_no_build_outputs(tmp_path) -> None:
+    """A wheel built from the sdist (pip install lowbit-deploy-*.tar.gz, python -m build) can compile the libraries."""
+    code = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with tarfile.open(tmp_path / result.stdout.strip().splitlines()[-1]) as archive:
+        names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
+    assert {"setup.py", "plugins/Makefile", "plugins/CMakeLists.txt", "plugins/api/lowbitPlugins.cpp",
+            "plugins/api/exports.map"} <= names
+    assert not [name for name in names if name.startswith("plugins/build")]
