@@ -53,16 +53,19 @@ def main() -> None:
               help="Override train.steps (0 = post-training quantization only). With train.stages: stop after N "
                    "steps in total (stages in order); --resume without it continues to the end.")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint already in --out from its last saved step.")
+@click.option("--device", default=None,
+              help="cpu, cuda or cuda:N (default: cuda when available, else cpu). Under torchrun each process takes "
+                   "cuda:LOCAL_RANK (docs/training-on-gpus.md).")
 @PROGRESS
 @stage
 def train(recipe: Path, run_dir: Path, model_path: str | None, variant: str | None, steps: int | None,
-          resume: bool, progress: bool) -> bool:
+          resume: bool, device: str | None, progress: bool) -> bool:
     """Quantization-aware training of the UNet named by RECIPE (distillation from its float teacher)."""
     from .qat.trainer import train as run_training
     from .recipes import load_recipe
 
     result = run_training(load_recipe(recipe).with_variant(variant), run_dir, model_path=model_path, steps=steps,
-                          resume=resume, progress=progress)
+                          resume=resume, progress=progress, device=device)
     report_result(result.summary())
     click.echo(f"checkpoint: {result.checkpoint}  ({result.quantized_layers} quantized layers, "
                f"{result.average_bits:.2f} average bits, loss {result.first_loss} -> {result.last_loss})")

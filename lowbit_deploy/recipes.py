@@ -182,6 +182,11 @@ class TrainSection(_Strict):
     data: DataSource = DataSource.AUTO
     checkpoint_every: Annotated[int, Field(ge=1)] = 100
     threads: Optional[Annotated[int, Field(ge=1)]] = None
+    teacher_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="the frozen teacher's precision; auto: float16 on CUDA, float32 on the CPU (the student "
+                            "always trains in float32)")
+    gradient_checkpointing: bool = Field(False, description="recompute the student's block activations in backward: "
+                                                            "less memory for more time; same gradients")
     stages: Optional[Annotated[list[TrainStage], Field(min_length=1)]] = None
     lora: Optional[LoraSection] = Field(None, description="EfficientDM's QALoRA; null: every weight trains")
 

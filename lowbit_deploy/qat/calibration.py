@@ -50,8 +50,9 @@ def _candidate_tables(quantizer: ActivationQuantizer, observed: _Observed, fract
 
 
 def _observe(quantizer: ActivationQuantizer, observed: _Observed, x: torch.Tensor) -> None:
-    rows = quantizer.rows(x.shape[0])
-    flat = x.detach().float().flatten(1)
+    # The statistics live on the CPU, whatever device the student runs on (qat/device.py).
+    rows = quantizer.rows(x.shape[0]).cpu()
+    flat = x.detach().float().flatten(1).cpu()
     high = flat.abs().amax(1) if quantizer.grid.symmetric else flat.amax(1)
     low = -high if quantizer.grid.symmetric else flat.amin(1)
     observed.high.scatter_reduce_(0, rows, high, reduce="amax")

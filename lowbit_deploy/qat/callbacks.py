@@ -2,7 +2,7 @@
 
 A callback subclasses :class:`TrainCallback` and overrides the events it needs; the loop calls them in list order
 (the history before the checkpoint, so a checkpoint's train state includes the step it was written at). Feature
-hooks, device placement or rank handling plug in the same way.
+hooks plug in the same way. Under torchrun only rank 0 writes files (:class:`CheckpointCallback`).
 """
 
 from __future__ import annotations
@@ -115,17 +115,21 @@ class CheckpointCallback(TrainCallback):
         self.checkpoint = self.save(run)
 
     def save(self, run: "TrainingRun") -> Path:
-        stage, stage_step = run.position
-        # Train state first, weights last: the weights file commits the pair (see qat/checkpoint.py).
-        history = self.history.summary(run)
-        save_train_state(self.run_dir, run.optimizer, run.step, run.generator, stage=stage, stage_step=stage_step,
-                         history=history)
-        path = save_checkpoint(self.run_dir, run.student, self.recipe, self.model_source, run.step, self.quant_plan,
-                               self.signature)
-        commit_train_state(self.run_dir)
-        save_stage_seconds(self.run_dir, history)
+        # Under torchrun every rank holds the same weights and optimizer state: rank 0 writes, the others wait
+        # until the files are complete (a rank that went on could be resumed from a checkpoint it never saw).
+        if run.distributed.writes:
+            stage, stage_step = run.position
+            # Train state first, weights last: the weights file commits the pair (see qat/checkpoint.py).
+            history = self.history.summary(run)
+            save_train_state(self.run_dir, run.optimizer, run.step, run.generator, stage=stage,
+                             stage_step=stage_step, history=history)
+            save_checkpoint(self.run_dir, run.student, self.recipe, self.model_source, run.step, self.quant_plan,
+                            self.signature)
+            commit_train_state(self.run_dir)
+            save_stage_seconds(self.run_dir, history)
+        run.distributed.barrier()
         self.saved_step = run.step
-        return path
+        return self.run_dir / CHECKPOINT_DIRNAME / WEIGHTS_FILE
 
 
 class ProgressBar(TrainCallback):

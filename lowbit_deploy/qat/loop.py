@@ -9,7 +9,7 @@ optimizer state to carry).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -17,7 +17,8 @@ from torch import nn
 
 from .callbacks import TrainCallback
 from .data import make_sampler
-from .objectives import StageObjective, make_objective
+from .distributed import Distributed
+from .objectives import StageObjective, StepLosses, make_objective
 from .optimizer import make_optimizer
 from .stages import StagePlan, StageSpec
 from .step import train_step
@@ -42,6 +43,7 @@ class TrainingRun:
     schedule_timesteps: tuple[int, ...] = ()  # the deployed schedule's timesteps (schedule sampling, trajectories)
     seed: int = 0                   # the recipe's train.seed (trajectory stages seed each trajectory from it)
     lora: object | None = None      # the recipe's train.lora (EfficientDM's optimiser groups), or None
+    distributed: Distributed = field(default_factory=Distributed)  # torchrun's processes (one: no-ops)
 
     def new_optimizer(self, stage: StageSpec) -> torch.optim.Optimizer:
         return make_optimizer(self.student, stage.lr, self.weight_decay, self.lora)
@@ -61,6 +63,14 @@ def _emit(callbacks: Sequence[TrainCallback], event: str, *args) -> None:
         getattr(callback, event)(*args)
 
 
+def _averaged(run: TrainingRun, losses: StepLosses) -> StepLosses:
+    """The global batch's losses: each rank computed its slice's (the mean of equal slices' means)."""
+    if run.distributed.world_size == 1:
+        return losses
+    total, prediction, feature = run.distributed.average_values([losses.total, losses.prediction, losses.feature])
+    return StepLosses(total, prediction, feature)
+
+
 def run_stages(run: TrainingRun, callbacks: Sequence[TrainCallback] = ()) -> None:
     """Train ``run`` from ``run.step`` to ``run.plan.end_step``; callbacks are called in list order."""
     _emit(callbacks, "on_train_begin", run)
@@ -74,7 +84,7 @@ def run_stages(run: TrainingRun, callbacks: Sequence[TrainCallback] = ()) -> Non
         _emit(callbacks, "on_stage_begin", run)
         try:
             while run.step < stop:
-                losses = train_step(run, sampler(run.batch_size, run.generator) if sampler else None)
+                losses = _averaged(run, train_step(run, sampler(run.batch_size, run.generator) if sampler else None))
                 run.step += 1
                 _emit(callbacks, "on_step_end", run, losses)
         finally:

@@ -67,9 +67,11 @@ def train_step(run: "TrainingRun", batch: Batch) -> StepLosses:
     else:
         inputs = noised_batch(batch, run.stage, run.bundle.condition, run.noise_scheduler, run.generator,
                               run.schedule_timesteps)
-    terms = run.objective(inputs)
+    # Under torchrun each process trains on its slice of the global batch and the gradients are averaged.
+    terms = run.objective(run.distributed.shard(inputs, run.batch_size))
     run.optimizer.zero_grad(set_to_none=True)
     terms.total.backward()
+    run.distributed.average_gradients(run.student.parameters())
     factor = run.stage.lr_factor(run.step)
     for group in run.optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor

@@ -3,11 +3,13 @@ resume state) and hands it to the loop.
 
 Module map: stages.py (recipe -> resolved stages), step.py (one optimisation step), objectives.py (each stage's
 loss), optimizer.py (AdamW parameter groups), loop.py (stages in order), callbacks.py (checkpoints, progress,
-loss history), checkpoint.py (files), data.py (data sources).
+loss history), checkpoint.py (files), data.py (data sources), device.py (``--device``, the teacher's precision),
+distributed.py (torchrun: one global batch split between processes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
@@ -39,6 +41,8 @@ from .checkpoint import (
     restore_optimizer,
 )
 from .data import resolve_source
+from .device import enable_gradient_checkpointing, place_models, resolve_device, teacher_dtype
+from .distributed import Distributed, check_global_batch, launch_from_environment, start
 from .loop import TrainingRun, run_stages
 from .stages import StagePlan, check_stage_data, resolve_stages
 
@@ -67,8 +71,10 @@ def _resolved(model_path: str | None) -> str | None:
 
 
 def _check_resume_matches(checkpoint, recipe: Recipe, model_path: str | None) -> None:
-    if checkpoint.recipe.quantize != recipe.quantize or checkpoint.recipe.train.model_copy(
-            update={"steps": recipe.train.steps}) != recipe.train:
+    # Gradient checkpointing changes memory and time, not the gradients: a resume may switch it.
+    comparable = {"steps": recipe.train.steps, "gradient_checkpointing": recipe.train.gradient_checkpointing}
+    if checkpoint.recipe.quantize != recipe.quantize or \
+            checkpoint.recipe.train.model_copy(update=comparable) != recipe.train:
         raise UserError(f"cannot resume {checkpoint.path}: its recipe's quantize/train sections differ from "
                         f"{recipe.name!r}; resume with the recipe it was started with, or train into a new --out")
     if model_path is not None and model_path != checkpoint.model_source:
@@ -82,7 +88,8 @@ def _check_resume_matches(checkpoint, recipe: Recipe, model_path: str | None) ->
                         f"files, not variant {recipe.model.variant}; {fix}")
 
 
-def _prepare(recipe: Recipe, model_path: str | None, run_dir: Path, resume: bool):
+def _prepare(recipe: Recipe, model_path: str | None, run_dir: Path, resume: bool, device: torch.device,
+             distributed: Distributed):
     from ..models import load_recipe_model
 
     checkpoint = None
@@ -106,11 +113,16 @@ def _prepare(recipe: Recipe, model_path: str | None, run_dir: Path, resume: bool
                    iterations=recipe.quantize.scale_init_iterations, step_timesteps=signature.step_timesteps)
         if recipe.train.lora is not None:
             attach_lora(student, recipe.train.lora, generator_seed=recipe.train.seed)
+    place_models(teacher, student, device, teacher_dtype(recipe.train.teacher_dtype, device))
+    if checkpoint is None:
         calibration = calibrate_activations(student, teacher, bundle, recipe.schedule.num_steps,
                                             recipe.quantize.activations)
+    distributed.broadcast_module(student)
     student.train().requires_grad_(True)
     if recipe.train.lora is not None:
         freeze_all_but_lora_and_quantizers(student)
+    if recipe.train.gradient_checkpointing:
+        enable_gradient_checkpointing(student)
     return (bundle, teacher, student, plan, signature, model_path, checkpoint.step if checkpoint else 0,
             calibration)
 
@@ -150,18 +162,21 @@ def _check_run_dir(run_dir: Path, resume: bool) -> bool:
 
 
 def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None, steps: int | None = None,
-          resume: bool = False, progress: bool = True,
+          resume: bool = False, progress: bool = True, device: str | None = None,
           callbacks: tuple[TrainCallback, ...] = ()) -> TrainResult:
     """Run QAT for ``recipe`` into ``run_dir``: the recipe's stages in order (checkpoint written atomically every
     ``checkpoint_every`` global steps and at the end).
 
     ``steps`` (``--steps``) replaces ``train.steps`` of a single-stage recipe and caps the total steps of a staged
     one; ``resume`` continues the checkpoint in ``run_dir`` bit-identically (also across stage boundaries).
+    ``device`` (``--device``): cpu, cuda or cuda:N; None takes CUDA when available. Started by torchrun, the
+    processes split each global batch (qat/distributed.py) and rank 0 writes the files.
     ``callbacks`` run after the built-in ones (loss history, checkpoints, progress bar).
     """
-    from diffusers import DDPMScheduler
-
     config = recipe.train
+    launch = launch_from_environment()
+    run_device = resolve_device(device, launch.local_rank if launch.parallel else None)
+    check_global_batch(config.batch_size, launch)
     stage_plan: StagePlan = resolve_stages(config, steps)
     run_dir = Path(run_dir)
     resume = _check_run_dir(run_dir, resume)
@@ -170,23 +185,40 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
     model_path = _resolved(model_path or recipe.model.path)
     if config.threads:
         torch.set_num_threads(config.threads)
+    distributed = start(launch, run_device)
+    try:
+        return _train(recipe, run_dir, model_path, stage_plan, resume, run_device, distributed,
+                      [ProgressBar(progress if distributed.writes else False), *callbacks])
+    finally:
+        distributed.close()
+
+
+def _train(recipe: Recipe, run_dir: Path, model_path: str | None, stage_plan: StagePlan, resume: bool,
+           device: torch.device, distributed: Distributed, callbacks: list[TrainCallback]) -> TrainResult:
+    from diffusers import DDPMScheduler
+
+    config = recipe.train
     torch.manual_seed(config.seed)
     bundle, teacher, student, plan, signature, model_path, checkpoint_step, calibration = _prepare(
-        recipe, model_path, run_dir, resume)
+        recipe, model_path, run_dir, resume, device, distributed)
     check_stage_data(stage_plan, lambda source: resolve_source(source, bundle))
     run = TrainingRun(student, teacher, bundle, DDPMScheduler.from_config(bundle.scheduler_config),
                       torch.Generator().manual_seed(config.seed), stage_plan, config.batch_size, config.weight_decay,
                       schedule_timesteps=tuple(schedule_timesteps(bundle.scheduler_config,
                                                                   recipe.schedule.num_steps)),
-                      seed=config.seed, lora=config.lora)
-    with run_lock(run_dir):
-        if checkpoint_status(run_dir) != ("complete" if resume else "none"):
-            _check_run_dir(run_dir, resume)  # another process got here first: say what is there now
-        clear_incomplete_checkpoint(run_dir)
-        remove_stale_temporaries(run_dir / CHECKPOINT_DIRNAME)
+                      seed=config.seed, lora=config.lora, distributed=distributed)
+    # Rank 0 alone holds the run lock and writes; the other ranks read what it left once it says so (barriers).
+    with run_lock(run_dir) if distributed.writes else contextlib.nullcontext():
+        if distributed.writes:
+            if checkpoint_status(run_dir) != ("complete" if resume else "none"):
+                _check_run_dir(run_dir, resume)  # another process got here first: say what is there now
+            clear_incomplete_checkpoint(run_dir)
+            remove_stale_temporaries(run_dir / CHECKPOINT_DIRNAME)
+            if resume:
+                recover_train_state(run_dir, checkpoint_step)
+        distributed.barrier()
         state = None
         if resume:
-            recover_train_state(run_dir, checkpoint_step)
             state = read_train_state(run_dir)
             check_same_step(checkpoint_step, state.step, run_dir)
             _resume_into(run, state, run_dir)
@@ -194,17 +226,20 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
         checkpoints = CheckpointCallback(run_dir, recipe, model_path, plan, signature, config.checkpoint_every,
                                          history, checkpoint_step if resume else None)
         started = time.perf_counter()
-        run_stages(run, [history, checkpoints, ProgressBar(progress), *callbacks])
+        run_stages(run, [history, checkpoints, *callbacks])
         losses = [step.total for step in history.losses]
         result = TrainResult(str(checkpoints.checkpoint), run.step, time.perf_counter() - started,
                              losses[0] if losses else None, losses[-1] if losses else None,
                              plan.average_bits(signature.num_steps), len(plan.quantized), losses, history.summary())
-        plot = write_plan_plot(Path(run_dir) / "plan.png", plan, signature.num_steps)
-        trainable, total = trainable_fraction(student)
-        extra = {"conditions": bundle.condition_report, "trainable_parameters": trainable, "parameters": total,
-                 "trainable_fraction": round(trainable / total, 6)}
-        if calibration:
-            extra["activation_calibration"] = calibration
-        update_report(run_dir, "train", {**result.summary(), "plan": plan.summary(signature.num_steps),
-                                         "plan_png": str(plot), "signature": signature.to_dict(), **extra})
+        if distributed.writes:
+            plot = write_plan_plot(Path(run_dir) / "plan.png", plan, signature.num_steps)
+            trainable, total = trainable_fraction(student)
+            extra = {"conditions": bundle.condition_report, "trainable_parameters": trainable, "parameters": total,
+                     "trainable_fraction": round(trainable / total, 6), "device": str(device),
+                     "processes": distributed.world_size, "teacher_dtype": str(next(teacher.parameters()).dtype)}
+            if calibration:
+                extra["activation_calibration"] = calibration
+            update_report(run_dir, "train", {**result.summary(), "plan": plan.summary(signature.num_steps),
+                                             "plan_png": str(plot), "signature": signature.to_dict(), **extra})
+        distributed.barrier()
     return result

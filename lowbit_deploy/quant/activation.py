@@ -110,7 +110,7 @@ class ActivationQuantizer(nn.Module):
     def rows(self, batch: int) -> torch.Tensor:
         """The scale-table row of each sample: its step index, or 0 with a single scale."""
         if not self.per_step:
-            return torch.zeros(batch, dtype=torch.int64)
+            return torch.zeros(batch, dtype=torch.int64, device=self.scale.device)
         index = self.context.index if self.context is not None else None
         if index is None:
             raise RuntimeError("an activation quantizer with per-step scales ran before the step index was known")
