@@ -93,7 +93,8 @@ def build_native_libraries(mode: str = "auto") -> tuple[list[Path], list[str]]:
                        "DIR=<dir with NvInferRuntime.h>): the wheel carries the CUDA kernel library but no C++ plugin "
                        "library"]
     if custom_dir:
-        cmake_args += f" -DLOWBIT_OUTPUT_DIR={build_dir}"
+        # A build folder of its own: the C++ test programs (which `make test` runs from plugins/build) are not needed.
+        cmake_args += f" -DLOWBIT_OUTPUT_DIR={build_dir} -DLOWBIT_BUILD_TESTS=OFF"
     try:
         _make([*common, "tensorrt", f"CMAKE_ARGS={cmake_args.strip()}"], "C++ TensorRT plugin libraries")
     except NativeBuildError as error:

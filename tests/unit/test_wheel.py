@@ -167,7 +167,8 @@ def test_the_hook_runs_the_makefile_targets_into_a_chosen_folder(recorded_make, 
     libraries, notes = setup_module.build_native_libraries()
     assert calls == [["NVCC=/opt/cuda/bin/nvcc", f"BUILD_DIR={tmp_path / 'out'}"],
                      ["NVCC=/opt/cuda/bin/nvcc", f"BUILD_DIR={tmp_path / 'out'}", "tensorrt",
-                      f"CMAKE_ARGS=-DTensorRT_ROOT=/opt/trt -DLOWBIT_OUTPUT_DIR={tmp_path / 'out'}"]]
+                      f"CMAKE_ARGS=-DTensorRT_ROOT=/opt/trt -DLOWBIT_OUTPUT_DIR={tmp_path / 'out'} "
+                      "-DLOWBIT_BUILD_TESTS=OFF"]]
     assert [path.name for path in libraries] == list(LIBRARIES) and notes == []
 
 
