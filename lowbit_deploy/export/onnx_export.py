@@ -9,10 +9,11 @@ features, the timestep of every step index) is written into the model's metadata
 
 from __future__ import annotations
 
-import copy
 import json
+import os
 import tempfile
 import warnings
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,7 +24,6 @@ from torch import nn
 
 from ..errors import UserError
 from ..io import atomic_path, remove_stale_temporaries, update_report
-from ..quant.activation import StepTracking
 from ..quant.apply import quantized_layers
 from ..quant.fake_quant import deployed_float_layer
 from ..runtime.ort import METADATA_SIGNATURE
@@ -36,6 +36,9 @@ from .native_int4 import NATIVE_INT4_OPSET, TRACE_OPSET, finalize_native_int4, i
 
 # ONNX Runtime 1.31 rejects IR versions above 13 and TensorRT's parser lags further; 10 is read by all of them.
 IR_VERSION = 10
+# A protobuf message cannot pass 2 GiB: tensors of a larger model go to one external data file beside it
+# (``<name>.data``); 64 MiB are kept for the graph itself.
+EXTERNAL_DATA_ABOVE = 2**31 - 2**26
 METADATA_PLAN = "lowbit.plan"
 
 
@@ -70,24 +73,52 @@ class ExportReport:
         return {**asdict(self), "size_ratio_vs_fp16": self.size_ratio_vs_fp16}
 
 
-def deployed_float_unet(unet: nn.Module) -> nn.Module:
-    """A plain float UNet whose quantized layers hold their deployed (dequantized) weights (float activations)."""
-    deployed = copy.deepcopy(unet)
-    if isinstance(deployed.time_proj, StepTracking):
-        deployed.time_proj = deployed.time_proj.inner
-    for name, layer in quantized_layers(deployed).items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(deployed.get_submodule(parent_name) if parent_name else deployed, child, deployed_float_layer(layer))
-    return deployed.eval()
+def float_reference_unet(unet: nn.Module, dtype: torch.dtype = torch.float16) -> nn.Module:
+    """A plain float UNet (float activations) holding ``unet``'s deployed weights in ``dtype``, built without copying
+    ``unet``: each quantized layer is dequantized on its own and the model is assembled on the meta device, so the
+    only new memory is the reference's own weights (an SD1.5 UNet in fp16: 1.7 GB)."""
+    quantized = quantized_layers(unet)
+    state: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, layer in quantized.items():
+            for key, tensor in deployed_float_layer(layer).state_dict().items():
+                state[f"{name}.{key}"] = tensor.to(dtype)
+        for key, tensor in unet.state_dict().items():
+            if key.rpartition(".")[0] in quantized or any(key.startswith(f"{name}.") for name in quantized):
+                continue  # the layer's training state (quantizer, LoRA factors): its deployed weight is above
+            key = key.replace("time_proj.inner.", "time_proj.")  # StepTracking (activation scales) wraps time_proj
+            state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    with torch.device("meta"):
+        reference = type(unet).from_config(unet.config)
+    reference.load_state_dict(state, strict=True, assign=True)
+    missing = [name for name, tensor in (*reference.named_parameters(), *reference.named_buffers()) if tensor.is_meta]
+    if missing:  # a non-persistent buffer the state does not carry
+        raise RuntimeError(f"the float reference has no values for {missing[:3]}")
+    return reference.eval().requires_grad_(False)
+
+
+def smallest_side(unet: nn.Module) -> int:
+    """The smallest latent side the UNet takes: one pixel after every downsampling."""
+    return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
 def trace_to_onnx(model: nn.Module, signature: DeployedSignature, path: Path, opset: int,
-                  dtype: torch.dtype = torch.float32) -> onnx.ModelProto:
-    """Trace ``model`` (positional inputs in the signature's order) into an ONNX file named by the signature."""
+                  dtype: torch.dtype = torch.float32, trace_side: int | None = None) -> onnx.ModelProto:
+    """Trace ``model`` (positional inputs in the signature's order) into an ONNX file named by the signature.
+
+    ``trace_side``: trace at a ``trace_side`` x ``trace_side`` latent with dynamic spatial axes, then fix them to the
+    signature's size. The graph is the same (tests/unit/export/test_onnx_export.py compares them node for node) and
+    the tracer's forward pass is far cheaper: an SD1.5 UNet in fp16 at 64x64 takes ~25 min on a CPU, at 8x8 ~1 min."""
     from diffusers.utils import logging as diffusers_logging
 
-    feeds = signature.random_feeds(2, torch.Generator().manual_seed(0),
-                                   torch.randn(2, signature.seq_len, signature.cross_attention_dim))
+    traced = signature if trace_side is None else dataclasses.replace(
+        signature, sample_shape=(signature.sample_shape[0], trace_side, trace_side))
+    dynamic_axes = signature.dynamic_axes()
+    if trace_side is not None:
+        for name in ("sample", signature.outputs[0].name):
+            dynamic_axes[name] = {**dynamic_axes.get(name, {}), 2: "height", 3: "width"}
+    feeds = traced.random_feeds(2, torch.Generator().manual_seed(0),
+                                torch.randn(2, signature.seq_len, signature.cross_attention_dim))
     example = tuple(value.to(dtype) if value.is_floating_point() else value for value in feeds.values())
     # diffusers warns on every ModelMixin.to(dtype) about fp32-only modules; the UNet has none, so silence it here.
     verbosity = diffusers_logging.get_verbosity()
@@ -102,18 +133,59 @@ def trace_to_onnx(model: nn.Module, signature: DeployedSignature, path: Path, op
         # layer) and runs each PackedLayer's autograd symbolic; constant folding would decode the packed weights.
         torch.onnx.export(model, example, str(path), dynamo=False, input_names=list(signature.input_names),
                           output_names=[spec.name for spec in signature.outputs], opset_version=opset,
-                          dynamic_axes=signature.dynamic_axes(), do_constant_folding=False)
-    return onnx.load(str(path))
+                          dynamic_axes=dynamic_axes, do_constant_folding=False)
+    model = onnx.load(str(path))
+    if trace_side is not None:
+        _fix_spatial_axes(model, signature)
+    return model
+
+
+def _fix_spatial_axes(model: onnx.ModelProto, signature: DeployedSignature) -> None:
+    height, width = signature.sample_shape[1:]
+    for value in (*model.graph.input, *model.graph.output):
+        if value.name in ("sample", signature.outputs[0].name):
+            dims = value.type.tensor_type.shape.dim
+            dims[2].dim_value, dims[3].dim_value = height, width  # setting the value clears the symbolic name
+    del model.graph.value_info[:]  # intermediate shape hints still name the traced symbolic axes
 
 
 def _count_nodes(model: onnx.ModelProto, op_type: str, domain: str = OP_DOMAIN) -> int:
     return sum(1 for node in model.graph.node if node.domain == domain and node.op_type == op_type)
 
 
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(init.raw_data) for init in model.graph.initializer)
+
+
+def external_data_path(target: Path) -> Path:
+    return target.with_name(target.name + ".data")
+
+
+def _file_bytes(target: Path) -> int:
+    data = external_data_path(target)
+    return target.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def _save(model: onnx.ModelProto, target: Path) -> int:
-    with atomic_path(target) as tmp:
-        onnx.save(model, str(tmp))
-    return target.stat().st_size
+    """Write ``model`` atomically; past EXTERNAL_DATA_ABOVE its tensors go to ``<target>.data`` (both files appear
+    by rename, the data first: a reader never sees a model without its data). Returns the bytes written."""
+    data = external_data_path(target)
+    if _tensor_bytes(model) <= EXTERNAL_DATA_ABOVE:
+        with atomic_path(target) as tmp:
+            onnx.save(model, str(tmp))
+        data.unlink(missing_ok=True)  # left by an earlier, larger export
+        return target.stat().st_size
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as scratch:
+        # onnx appends to an existing data file, so it is written fresh in the scratch folder and moved.
+        staged = Path(scratch) / target.name
+        onnx.save(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data.name, size_threshold=1024)
+        onnx.checker.check_model(str(staged))  # by path: the in-memory check cannot hold a model past 2 GiB
+        os.replace(staged.with_name(data.name), data)
+        os.replace(staged, target)
+    # Saving moved the tensors out of ``model``; the caller still reads some (native INT4 storage): load them back.
+    onnx.load_external_data_for_model(model, str(target.parent))
+    return target.stat().st_size + data.stat().st_size
 
 
 def export_deployed(deployed: DeployedUNet, out_path: str | Path, *, opset: int = 17) -> onnx.ModelProto:
@@ -137,8 +209,9 @@ def export_deployed(deployed: DeployedUNet, out_path: str | Path, *, opset: int 
     model.ir_version = IR_VERSION
     onnx.helper.set_model_props(model, {METADATA_SIGNATURE: deployed.signature.to_json(),
                                         METADATA_PLAN: json.dumps(deployed.plan.summary(deployed.signature.num_steps))})
-    onnx.checker.check_model(model)
-    _save(model, out_path)
+    if _tensor_bytes(model) <= EXTERNAL_DATA_ABOVE:
+        onnx.checker.check_model(model)
+    _save(model, out_path)  # checks a model past 2 GiB by path
     return model
 
 
@@ -149,14 +222,16 @@ def export_onnx(unet: nn.Module, out_path: str | Path, *, plan, signature: Deplo
     out_path = Path(out_path)
     if not plan.quantized:
         raise UserError("the model has no quantized layer to export; train it with a recipe that quantizes layers")
-    fp16_source = deployed_float_unet(unet) if fp16_reference_path is not None else None
+    fp16_bytes = None
+    if fp16_reference_path is not None:  # before deploying in place: it reads the trained layers
+        fp16_bytes = export_float_reference(unet, plan, signature, Path(fp16_reference_path), opset)
     deployed = deploy_unet(unet, plan, signature, options, inplace=inplace)
     model = export_deployed(deployed, out_path, opset=opset)
     packed = [layer.packed_weight for layer in deployed.packed_layers().values()]
     quantized_weights = sum(int(np.prod(weight.shape)) for weight in packed)
     words_bytes = sum(weight.packed_words.nbytes for weight in packed)
     report = ExportReport(
-        str(out_path), out_path.stat().st_size, _count_nodes(model, OP_TYPE),
+        str(out_path), _file_bytes(out_path), _count_nodes(model, OP_TYPE),
         max((imp.version for imp in model.opset_import if imp.domain == "lowbit"), default=0),  # 0: all native
         sum(weight.nbytes for weight in packed), quantized_weights, 8 * words_bytes / max(quantized_weights, 1),
         plan.average_bits(signature.num_steps), options.float_storage, signature.time_input.value,
@@ -165,18 +240,28 @@ def export_onnx(unet: nn.Module, out_path: str | Path, *, plan, signature: Deplo
         **int4_storage(model, native_int4_layers(deployed)),
         activation_nodes=_count_nodes(model, ACTIVATION_OP_TYPE),
         activation_qdq_pairs=_count_nodes(model, "QuantizeLinear", ""))
-    if fp16_source is not None:
-        fp16_path = Path(fp16_reference_path)
-        float_signature = signature_for(fp16_source, signature.seq_len)
-        with atomic_path(fp16_path) as tmp:
-            # The same deployed wrapper, around the dequantized float UNet with its timestep signature.
-            reference = DeployedUNet(fp16_source, float_signature, plan)
-            fp16_model = trace_to_onnx(reference, float_signature, tmp, opset, dtype=torch.float16)
-            fp16_model.ir_version = IR_VERSION
-            onnx.helper.set_model_props(fp16_model, {METADATA_SIGNATURE: float_signature.to_json()})
-            onnx.save(fp16_model, str(tmp))
-        report.fp16_onnx_path, report.fp16_onnx_bytes = str(fp16_path), fp16_path.stat().st_size
+    if fp16_bytes is not None:
+        report.fp16_onnx_path, report.fp16_onnx_bytes = str(fp16_reference_path), fp16_bytes
     return report
+
+
+def export_float_reference(unet: nn.Module, plan, signature: DeployedSignature, path: Path, opset: int,
+                           trace_side: int | None = -1) -> int:
+    """Write the plain fp16 ONNX of the trained UNet's deployed weights (float activations, timestep input): the
+    size reference. Built without copying ``unet`` (:func:`float_reference_unet`) and traced at the smallest latent
+    (``trace_side`` -1; None traces at full size). Returns the bytes written."""
+    reference_unet = float_reference_unet(unet)
+    float_signature = signature_for(reference_unet, signature.seq_len)
+    side = smallest_side(reference_unet) if trace_side == -1 else trace_side
+    with tempfile.TemporaryDirectory(prefix="lowbit-export-") as scratch:
+        # The same deployed wrapper, around the dequantized float UNet with its timestep signature.
+        reference = DeployedUNet(reference_unet, float_signature, plan)
+        model = trace_to_onnx(reference, float_signature, Path(scratch) / "reference.onnx", opset,
+                              dtype=torch.float16, trace_side=side)
+    del reference, reference_unet
+    model.ir_version = IR_VERSION
+    onnx.helper.set_model_props(model, {METADATA_SIGNATURE: float_signature.to_json()})
+    return _save(model, path)
 
 
 def export_run(run_dir: str | Path) -> ExportReport:
