@@ -139,9 +139,13 @@ def build(run_dir: Path, compute_capabilities: tuple[str, ...], fp16_reference: 
                    "validate.gates.per_layer_min_sqnr_db where written; docs/gates.md).")
 @click.option("--per-layer-chunk", type=click.IntRange(min=1), default=None,
               help="Layer outputs compared per ONNX Runtime session (bounds memory on large models; default 64).")
+@click.option("--ort-weights", type=click.Choice(["auto", "packed", "folded"]), default="auto", show_default=True,
+              help="How ONNX Runtime holds the packed weights: packed (unpacked per layer at every call; little "
+                   "memory), folded (decoded to float32 when the session opens; faster calls, float32-sized "
+                   "memory), auto (folded up to 100M weights, else packed). docs/scale.md")
 @stage
 def validate(run_dir: Path, max_abs, max_rel, min_cosine, min_sqnr_db, min_psnr_db, samples, sampling_steps,
-             skip_sampling: bool, per_layer: bool, per_layer_min_sqnr_db, per_layer_chunk) -> bool:
+             skip_sampling: bool, per_layer: bool, per_layer_min_sqnr_db, per_layer_chunk, ort_weights: str) -> bool:
     """Compare every artifact in RUN_DIR with the PyTorch quantized model; exit 1 if any gate fails.
 
     Gates are per backend (recipe validate.gates.onnxruntime / .tensorrt; defaults calibrated in docs/gates.md);
@@ -166,7 +170,8 @@ def validate(run_dir: Path, max_abs, max_rel, min_cosine, min_sqnr_db, min_psnr_
     sampling_overrides = {k: v for k, v in dict(min_psnr_db=min_psnr_db, num_samples=samples,
                                                 num_steps=sampling_steps).items() if v is not None}
     report = validate_run(run_dir, gates=gates, sampling=with_overrides(config.sampling, sampling_overrides),
-                          skip_sampling=skip_sampling, per_layer=per_layer, per_layer_chunk=per_layer_chunk)
+                          skip_sampling=skip_sampling, per_layer=per_layer, per_layer_chunk=per_layer_chunk,
+                          ort_weights=ort_weights, scale_sampling=samples is None and sampling_steps is None)
     report_result(report.to_dict())
     _print_validation(report.to_dict())
     return report.passed

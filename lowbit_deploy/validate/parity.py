@@ -75,7 +75,7 @@ def parity_feeds(signature: DeployedSignature, condition, batches: int, batch_si
     generator = torch.Generator().manual_seed(seed)
     feeds = []
     for _ in range(batches):
-        states, _ = condition.sample(batch_size, generator)
+        states = condition.sample_conditions(batch_size, generator)  # with the added conditions, if any
         feeds.append(signature.random_feeds(batch_size, generator, states))
     return feeds
 
@@ -134,11 +134,11 @@ def sampling_parity(bundle, signature: DeployedSignature, quantized: Runner, ort
     count = config.num_samples
     if condition.num_classes is not None:
         labels = [index % condition.num_classes for index in range(count)]
-        cond = condition.for_labels(labels)
+        cond = condition.label_conditions(labels, config.seed)
     else:
         labels = None
-        cond, _ = condition.sample(count, torch.Generator().manual_seed(config.seed))
-    null = condition.null(count)
+        cond = condition.sample_conditions(count, torch.Generator().manual_seed(config.seed))
+    null = condition.null_conditions(count)
     common = dict(scheduler_config=bundle.scheduler_config, num_steps=num_steps,
                   guidance_scale=config.guidance_scale, seed=config.seed)
     fp_signature = signature_for(bundle.unet, signature.seq_len)
@@ -189,6 +189,7 @@ class ValidationInputs:
     inputs: list[Feeds]
     _references: list[torch.Tensor] | None = None
     _floor: object | None = None
+    trained_outputs: list[torch.Tensor] | None = None  # set where the trained model was deployed in place
 
     @property
     def signature(self) -> DeployedSignature:
@@ -221,8 +222,12 @@ class ValidationInputs:
         return lambda feeds: outputs[id(feeds)]
 
 
-def prepare_validation(run_dir: str | Path, seed: int | None = None) -> ValidationInputs:
-    """Load ``run_dir``'s checkpoint, deploy it and draw the parity inputs (``seed``: the recipe's by default)."""
+def prepare_validation(run_dir: str | Path, seed: int | None = None, *,
+                       keep_trained: bool = True) -> ValidationInputs:
+    """Load ``run_dir``'s checkpoint, deploy it and draw the parity inputs (``seed``: the recipe's by default).
+
+    ``keep_trained=False`` runs the trained model on the inputs first (``trained_outputs``) and then deploys it in
+    place: one copy of the weights instead of two (an SD1.5 UNet: 3.4 GB less)."""
     from ..export.deployed import deploy_unet
     from ..export.handlers import ExportOptions
     from ..models import load_recipe_model
@@ -233,42 +238,81 @@ def prepare_validation(run_dir: str | Path, seed: int | None = None) -> Validati
     recipe, config = checkpoint.recipe, checkpoint.recipe.validate_
     bundle = load_recipe_model(recipe, checkpoint.model_source)
     options = ExportOptions(packing=recipe.export.packing, float_storage=recipe.export.float_storage)
-    deployed = deploy_unet(checkpoint.unet, checkpoint.plan, checkpoint.signature, options)
     inputs = parity_feeds(checkpoint.signature, bundle.condition, config.batches, config.batch_size,
                           config.seed if seed is None else seed)
-    return ValidationInputs(run_dir, checkpoint, bundle, deployed, inputs)
+    trained = None
+    if not keep_trained:
+        run = trained_runner(checkpoint.unet, checkpoint.signature)
+        with torch.no_grad():
+            trained = [run(feeds) for feeds in inputs]
+    deployed = deploy_unet(checkpoint.unet, checkpoint.plan, checkpoint.signature, options, inplace=not keep_trained)
+    return ValidationInputs(run_dir, checkpoint, bundle, deployed, inputs, trained_outputs=trained)
 
 
-def check_onnx(onnx_path: Path, context: ValidationInputs, gates: Gates) -> tuple[ArtifactParity, ArtifactParity]:
-    """The ONNX file's two checks: outputs against the ONNX Runtime gates, and exact weight parity."""
+def check_onnx(onnx_path: Path, context: ValidationInputs, gates: Gates,
+               ort=None) -> tuple[ArtifactParity, ArtifactParity]:
+    """The ONNX file's two checks: outputs against the ONNX Runtime gates, and exact weight parity (``ort``: an
+    OrtRunner of ``onnx_path`` to reuse; default: one with the default weight mode)."""
     from ..runtime.ort import OrtRunner
     from .weights import weight_parity
 
-    ort = OrtRunner(onnx_path)
+    ort = ort or OrtRunner(onnx_path)
     if ort.signature != context.signature:
         raise UserError(f"{onnx_path} was exported from another model (its signature differs from the "
                         f"checkpoint's); run `lowbit-deploy export {context.run_dir}` again")
     outputs = output_parity("onnxruntime", context.reference_runner(), ort, context.inputs, gates.onnxruntime)
+    outputs.details = {"weights": ort.weights}  # the session's weight mode (runtime/ort.py WEIGHT_MODES)
     weights = weight_parity(onnx_path, context.deployed)
     return outputs, ArtifactParity("onnxruntime weights (exact)", "passed" if weights.passed else "failed",
                                    None, weights.failures, weights.to_dict())
 
 
+# The sampling comparison runs 3 models x samples x steps (x2 with guidance). Its default work is bounded by
+# parameters x samples x steps: the default model (~2M parameters) keeps the recipe's values, an SD1.5 UNet (860M)
+# samples 2 images x 2 steps (~2 min per model on 2 CPU cores instead of 15-25).
+SAMPLING_BUDGET_PARAMETER_STEPS = 4e9
+SCALED_SAMPLES, SCALED_STEPS = 2, 2
+
+
+def scaled_sampling(config: SamplingSection, steps: int, signature: DeployedSignature,
+                    parameters: int) -> SamplingSection:
+    """``config`` (sampling ``steps`` steps) with at most SCALED_SAMPLES samples x SCALED_STEPS steps when
+    ``parameters x samples x steps`` passes SAMPLING_BUDGET_PARAMETER_STEPS (the steps stay where the model takes a
+    step index: its time features or activation scales are fixed to its schedule)."""
+    if parameters * config.num_samples * steps <= SAMPLING_BUDGET_PARAMETER_STEPS:
+        return config
+    update = {"num_samples": min(config.num_samples, SCALED_SAMPLES)}
+    if signature.time_input is not TimeInput.STEP_INDEX:
+        update["num_steps"] = min(steps, SCALED_STEPS)
+    return config.model_copy(update=update)
+
+
+def _parameter_count(module: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
 def validate_run(run_dir: str | Path, *, gates: Gates | None = None, sampling: SamplingSection | None = None,
                  skip_sampling: bool = False, per_layer: bool = False,
-                 per_layer_chunk: int | None = None) -> ValidationReport:
+                 per_layer_chunk: int | None = None, ort_weights: str = "auto",
+                 scale_sampling: bool = True) -> ValidationReport:
     """Every check of ``run_dir``'s artifacts against its deployed torch model (see the module docstring);
-    ``per_layer``: also bisect layer by layer (writes per_layer_sqnr.png)."""
+    ``per_layer``: also bisect layer by layer (writes per_layer_sqnr.png); ``ort_weights``: how the one ONNX
+    Runtime session holds the packed weights (runtime/ort.py); ``scale_sampling``: shrink the sampling comparison
+    of a large model (:func:`scaled_sampling`; off where the user chose samples or steps)."""
+    from ..runtime.ort import check_weight_mode
+
     from ..run_dir import check_run_dir_exists, run_lock
 
     run_dir = check_run_dir_exists(run_dir, "lowbit-deploy train RECIPE --out RUN_DIR")
     # Locked: another process exporting or building into the run would swap model.onnx under the comparison.
     with run_lock(run_dir):
-        return _validate_locked(run_dir, gates, sampling, skip_sampling, per_layer, per_layer_chunk)
+        return _validate_locked(run_dir, gates, sampling, skip_sampling, per_layer, per_layer_chunk,
+                                check_weight_mode(ort_weights), scale_sampling)
 
 
 def _validate_locked(run_dir: Path, gates: Gates | None, sampling: SamplingSection | None, skip_sampling: bool,
-                     per_layer: bool, per_layer_chunk: int | None) -> ValidationReport:
+                     per_layer: bool, per_layer_chunk: int | None, ort_weights: str,
+                     scale_sampling: bool) -> ValidationReport:
     from ..run_dir import check_onnx_matches_checkpoint
     from ..runtime.ort import OrtRunner
     from ..runtime.trt import device_compute_capability
@@ -278,15 +322,21 @@ def _validate_locked(run_dir: Path, gates: Gates | None, sampling: SamplingSecti
     started = time.perf_counter()
     onnx_path = run_dir / "model.onnx"
     check_onnx_matches_checkpoint(run_dir)  # bad input fails before any model is loaded
-    context = prepare_validation(run_dir)
+    context = prepare_validation(run_dir, keep_trained=False)
     recipe, signature = context.checkpoint.recipe, context.signature
     config = recipe.validate_
-    num_steps = recipe.sampling_steps((sampling or config.sampling).num_steps)
+    sampling = asked = sampling or config.sampling
+    if scale_sampling:
+        sampling = scaled_sampling(sampling, recipe.sampling_steps(sampling.num_steps), signature,
+                                   _parameter_count(context.bundle.unet))
+    scaled = sampling != asked
+    num_steps = recipe.sampling_steps(sampling.num_steps)
     if signature.time_input is TimeInput.STEP_INDEX and num_steps != signature.num_steps:
         raise UserError(f"sampling with {num_steps} steps, but the time features are cached for "
                         f"{signature.schedule}; pass --sampling-steps {signature.num_steps} (or leave it out)")
-    gates, sampling = context.effective_gates(gates or config.gates, sampling or config.sampling)
-    parity = list(check_onnx(onnx_path, context, gates))
+    gates, sampling = context.effective_gates(gates or config.gates, sampling)
+    ort = OrtRunner(onnx_path, weights=ort_weights)  # one session for the output checks and the sampling
+    parity = list(check_onnx(onnx_path, context, gates, ort))
     build_entry = _read_report(run_dir).get("build", {})
     engine, reason = engine_runner(run_dir / "model.engine", build_entry.get("compute_capabilities"), signature)
     parity.append(output_parity("tensorrt", context.reference_runner(), engine, context.inputs, gates.tensorrt)
@@ -298,10 +348,16 @@ def _validate_locked(run_dir: Path, gates: Gates | None, sampling: SamplingSecti
                                           compute_capability=device_compute_capability()))
                   if per_layer and engine else {"status": reason} if per_layer else not_asked)
     deployed = module_runner(context.deployed, signature)
-    rounding = deployment_rounding(trained_runner(context.checkpoint.unet, signature), deployed, context.inputs)
+    trained = dict(zip(map(id, context.inputs), context.trained_outputs))
+    rounding = deployment_rounding(lambda feeds: trained[id(feeds)], deployed, context.inputs)
     sampling_result = ({"status": "not run: --skip-sampling"} if skip_sampling
-                       else sampling_parity(context.bundle, signature, deployed, OrtRunner(onnx_path), sampling,
-                                            num_steps, run_dir / "samples.png"))
+                       else sampling_parity(context.bundle, signature, deployed, ort, sampling, num_steps,
+                                            run_dir / "samples.png"))
+    if scaled and not skip_sampling:
+        sampling_result["scaled_to_model_size"] = (
+            f"{asked.num_samples} samples x {recipe.sampling_steps(asked.num_steps)} steps asked; parameters x "
+            f"samples x steps above {SAMPLING_BUDGET_PARAMETER_STEPS:.0e}: pass --samples / --sampling-steps to "
+            f"choose")
     passed = all(p.status == "passed" or p.status.startswith("not run") for p in parity) and \
         sampling_result["status"] != "failed" and layers["status"] != "failed" and layers_trt["status"] != "failed"
     report = ValidationReport(parity, sampling_result, passed, time.perf_counter() - started, layers,
