@@ -199,10 +199,14 @@ def check_plugin_library(backend: TensorRTBackend, path: str | os.PathLike[str] 
     library, origin = resolve_plugin_library(family, path, plugins_dir, native_dir)
     fix = _fix(family, origin)
     if not library.is_file():
-        if origin == ORIGIN_CHECKOUT:
-            raise PluginLibraryMissing(f"the C++ plugin library {library} is missing (and the installed package "
-                                       f"carries none in {native_dir}); {fix}")
-        raise PluginLibraryMissing(f"the C++ plugin library {library} ({origin}) is missing; {fix}")
+        if origin != ORIGIN_CHECKOUT:
+            raise PluginLibraryMissing(f"the C++ plugin library {library} ({origin}) is missing; {fix}")
+        if not (plugins_dir / "Makefile").is_file():  # an installed package, no checkout beside it
+            raise PluginLibraryMissing(
+                f"the installed lowbit-deploy carries no C++ plugin library ({native_dir / library.name} is missing: "
+                f"its wheel was built without nvcc, make, cmake or TensorRT headers); {_fix(family, ORIGIN_INSTALLED)}")
+        raise PluginLibraryMissing(f"the C++ plugin library {library} is missing (and the installed package "
+                                   f"carries none in {native_dir}); {fix}")
     header_version = read_build_info(library)
     if header_version is None:
         raise UserError(f"{library} is not a lowbit plugin library (no build marker); {fix}")

@@ -94,6 +94,7 @@ def plugins_dir(tmp_path) -> Path:
     """A plugins/ tree with one source and a library carrying the 11.1 build marker, newer than the source."""
     root = tmp_path / "plugins"
     (root / "unpack_dequantize").mkdir(parents=True)
+    (root / "Makefile").write_text("# a checkout\n")
     (root / "unpack_dequantize" / "unpackDequantizePlugin.cpp").write_text("// source\n")
     (root / "build").mkdir()
     library = root / "build" / "liblowbit_plugins_trt11.so"
@@ -132,6 +133,16 @@ def test_missing_library_names_both_places_the_build_command_and_the_fallback(pl
     with pytest.raises(PluginLibraryMissing, match=r"build/liblowbit_plugins_trt11.so is missing \(and the installed "
                        r"package carries none in .*no-native\); build it with `make plugins`.*--plugin python"):
         check_plugin_library(RTX, plugins_dir=plugins_dir, native_dir=tmp_path / "no-native")
+
+
+def test_an_installed_package_without_a_library_says_how_to_get_one(tmp_path) -> None:
+    """No checkout beside the package (no plugins/Makefile) and nothing in _native/: the wheel lacked the tools."""
+    native_dir = tmp_path / "site" / "lowbit_deploy" / "_native"
+    with pytest.raises(PluginLibraryMissing, match=re.escape(
+            f"the installed lowbit-deploy carries no C++ plugin library ({native_dir / 'liblowbit_plugins_trt11.so'} "
+            "is missing: its wheel was built without nvcc, make, cmake or TensorRT headers); reinstall lowbit-deploy "
+            "where nvcc, make and cmake exist")):
+        check_plugin_library(RTX, plugins_dir=tmp_path / "site" / "plugins", native_dir=native_dir)
 
 
 @pytest.mark.parametrize("origin", ["argument", "$LOWBIT_PLUGIN_LIBRARY"])

@@ -67,6 +67,7 @@ def places(tmp_path) -> SimpleNamespace:
     plugins_dir, native_dir = tmp_path / "plugins", tmp_path / "site" / "_native"
     (plugins_dir / "build").mkdir(parents=True)
     (plugins_dir / "source.cpp").write_text("// a source of the checkout\n")
+    (plugins_dir / "Makefile").write_text("# a checkout\n")
     native_dir.mkdir(parents=True)
     return SimpleNamespace(plugins_dir=plugins_dir, native_dir=native_dir, tmp=tmp_path)
 
