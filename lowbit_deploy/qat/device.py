@@ -13,8 +13,10 @@ halving it frees memory for the student, whose fake-quantization math (scales, r
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -121,6 +123,28 @@ def place_models(teacher: nn.Module, student: nn.Module, device: torch.device,
     student.to(device)
     attach_device_boundary(teacher, device, dtype_of_teacher)
     attach_device_boundary(student, device, torch.float32)
+
+
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """On CUDA, deterministic kernels for the ``with`` body (the previous settings are restored after): cuDNN's
+    autotuner and its atomics-based convolution gradients, and cuBLAS's split reductions, otherwise make two runs
+    with the same seed differ in the last bits. An op without a deterministic CUDA kernel warns instead of failing.
+    Costs some speed; the CPU needs none of it."""
+    if device.type != "cuda":
+        yield
+        return
+    # cuBLAS reads this when its first handle is created (before any matmul of this process).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
 
 
 def enable_gradient_checkpointing(student: nn.Module) -> None:

@@ -41,7 +41,13 @@ from .checkpoint import (
     restore_optimizer,
 )
 from .data import resolve_source
-from .device import enable_gradient_checkpointing, place_models, resolve_device, teacher_dtype
+from .device import (
+    deterministic_kernels,
+    enable_gradient_checkpointing,
+    place_models,
+    resolve_device,
+    teacher_dtype,
+)
 from .distributed import Distributed, check_global_batch, launch_from_environment, start
 from .loop import TrainingRun, run_stages
 from .stages import StagePlan, check_stage_data, resolve_stages
@@ -187,8 +193,9 @@ def train(recipe: Recipe, run_dir: str | Path, *, model_path: str | None = None,
         torch.set_num_threads(config.threads)
     distributed = start(launch, run_device)
     try:
-        return _train(recipe, run_dir, model_path, stage_plan, resume, run_device, distributed,
-                      [ProgressBar(progress if distributed.writes else False), *callbacks])
+        with deterministic_kernels(run_device):
+            return _train(recipe, run_dir, model_path, stage_plan, resume, run_device, distributed,
+                          [ProgressBar(progress if distributed.writes else False), *callbacks])
     finally:
         distributed.close()
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from lowbit_deploy.errors import UserError
 from lowbit_deploy.qat.checkpoint import CHECKPOINT_DIRNAME, TRAIN_STATE_FILE, WEIGHTS_FILE, load_checkpoint
-from lowbit_deploy.qat.device import attach_device_boundary, resolve_device, teacher_dtype
+from lowbit_deploy.qat.device import attach_device_boundary, deterministic_kernels, resolve_device, teacher_dtype
 from lowbit_deploy.qat.distributed import Distributed
 from lowbit_deploy.qat.objectives import NoisedBatch
 from lowbit_deploy.qat.trainer import _prepare, train
@@ -67,6 +67,18 @@ def test_an_unavailable_device_is_refused_before_anything_is_written(tmp_path, t
         train(parse_recipe(tiny_recipe_dict), tmp_path / "run", model_path=str(tiny_model_dir), progress=False,
               device="cuda")
     assert not (tmp_path / "run").exists()
+
+
+def test_cuda_runs_use_deterministic_kernels_and_restore_the_settings():
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.are_deterministic_algorithms_enabled())
+    with deterministic_kernels(torch.device("cpu")):
+        assert torch.are_deterministic_algorithms_enabled() == before[2]
+    with deterministic_kernels(torch.device("cuda", 0)):  # flags only: nothing runs on a GPU here
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+            torch.are_deterministic_algorithms_enabled()) == before
 
 
 @pytest.mark.parametrize("setting, device, expected", [
