@@ -151,17 +151,33 @@ def load_checkpoint(location: str | Path) -> QuantizedCheckpoint:
 
         attach_lora(unet, recipe.train.lora)  # factors are placeholders until the state dict is loaded over them
     try:
-        state = load_file(str(path))
+        _load_streamed(unet, path)
     except (SafetensorError, OSError) as error:
         raise UserError(f"{path} could not be read ({error}); it may be truncated. Re-run training.") from None
-    try:
-        unet.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise UserError(f"{path} does not match the model its metadata describes ({str(error)[:300]}). "
                         f"The file was edited or written by another tool; re-run training.") from None
     unet.eval()
     return QuantizedCheckpoint(unet, recipe, metadata["model_source"] or None, int(metadata["step"]), path, plan,
                                signature)
+
+
+def _load_streamed(module: torch.nn.Module, path: Path) -> None:
+    """``module.load_state_dict(file, strict=True)`` one tensor at a time: the file's tensors never sit in memory
+    all at once beside the model's (an SD1.5 UNet: 3.4 GB less at the peak of export and validate)."""
+    expected = module.state_dict()
+    with safe_open(str(path), framework="pt") as handle:
+        stored = set(handle.keys())
+        missing, unexpected = sorted(set(expected) - stored), sorted(stored - set(expected))
+        if missing or unexpected:
+            raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        with torch.no_grad():
+            for key, target in expected.items():
+                tensor = handle.get_tensor(key)
+                if tensor.shape != target.shape:
+                    raise RuntimeError(f"size mismatch for {key}: {tuple(tensor.shape)} in the file, "
+                                       f"{tuple(target.shape)} in the model")
+                target.copy_(tensor)
 
 
 @dataclass
