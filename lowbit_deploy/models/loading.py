@@ -232,7 +232,7 @@ def _choose_condition(root: Path, config: dict, prompts_file: str | None, varian
     the default's prompts, the checkpoint's CLIP over the recipe's prompts, or seeded random states (warned)."""
     from .classifier import DigitClassifier
     from .conditioning import PromptConditionSource, PromptEncoder, RandomConditionSource
-    from .text_conditions import SDXL_DIRS, has_text_encoder, read_prompts, text_conditions
+    from .text_conditions import SDXL_DIRS, has_text_encoder, read_prompts, sdxl_text_embeds_dim, text_conditions
 
     # A folder laid out like the default (prompt_encoder/ beside unet/) keeps its prompts and its judge.
     if (root / "prompt_encoder" / "config.json").is_file():
@@ -245,13 +245,15 @@ def _choose_condition(root: Path, config: dict, prompts_file: str | None, varian
                                  f"on its own digit prompts")
         return condition, classifier, report
     dim = _cross_attention_dim(config)
-    if prompts_file and has_text_encoder(root) and not all((root / name).is_dir() for name in SDXL_DIRS):
-        condition, report = text_conditions(root, prompts_file, dim, variant)
+    pooled_dim = sdxl_text_embeds_dim(config)  # SDXL UNets also take the prompts' pooled text_embeds
+    sdxl_layout = all((root / name).is_dir() for name in SDXL_DIRS)
+    if prompts_file and has_text_encoder(root) and (pooled_dim is None or sdxl_layout):
+        condition, report = text_conditions(root, prompts_file, dim, variant, pooled_dim)
         return condition, None, report
     if prompts_file:
         read_prompts(prompts_file)  # a bad prompts file is bad input even where it cannot be used
-        reason = (f"{root} has SDXL's two text encoders (text_encoder_2/, tokenizer_2/), whose prompt encoding is not "
-                  f"supported yet" if has_text_encoder(root) else f"{root} has no text_encoder/ and tokenizer/")
+        reason = (f"{root} has no {SDXL_DIRS[0]}/ and {SDXL_DIRS[1]}/ for this SDXL UNet's pooled text_embeds"
+                  if has_text_encoder(root) else f"{root} has no text_encoder/ and tokenizer/")
     else:
         reason = (f"the recipe names no prompts file for {root}'s text encoder (set conditions.prompts_file)"
                   if has_text_encoder(root) else f"{root} has no text encoder")

@@ -44,6 +44,18 @@ def default_copy(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def make_foreign_unet():
+    """Builds the tiny foreign UNet (seeded) for tests that save it in other layouts."""
+    def make():
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(0)
+        return UNet2DConditionModel(**tiny_unet_config())
+
+    return make
+
+
+@pytest.fixture
 def foreign_checkpoint(tmp_path: Path) -> Path:
     """A pipeline-like folder with only ``unet/`` (no scheduler, no prompt encoder): a foreign checkpoint."""
     from diffusers import UNet2DConditionModel
@@ -60,25 +72,30 @@ CLIP_HIDDEN = 16
 CLIP_MAX_LENGTH = 12
 
 
-def write_tiny_clip(root: Path, hidden: int = CLIP_HIDDEN, max_length: int = CLIP_MAX_LENGTH, seed: int = 0) -> None:
+def write_tiny_clip(root: Path, hidden: int = CLIP_HIDDEN, max_length: int = CLIP_MAX_LENGTH, seed: int = 0,
+                    encoder_dir: str = "text_encoder", tokenizer_dir: str = "tokenizer",
+                    projection_dim: int | None = None) -> None:
+    """A tiny CLIP text encoder and tokenizer; ``projection_dim``: a CLIPTextModelWithProjection (SDXL's second)."""
     import json
     import string
 
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     letters = string.ascii_lowercase
     tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(f"{c}</w>" for c in letters),
               "ca", "cat</w>", "do", "dog</w>"]
-    tokenizer_dir = root / "tokenizer"
+    tokenizer_dir = root / tokenizer_dir
     tokenizer_dir.mkdir(parents=True)
     (tokenizer_dir / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
     (tokenizer_dir / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\nd o\ndo g</w>\n")
     (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({"model_max_length": max_length}))
     config = CLIPTextConfig(vocab_size=len(tokens), hidden_size=hidden, intermediate_size=2 * hidden,
                             num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
-                            bos_token_id=0, eos_token_id=1, pad_token_id=1)
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                            **({} if projection_dim is None else {"projection_dim": projection_dim}))
     torch.manual_seed(seed)
-    CLIPTextModel(config).eval().save_pretrained(root / "text_encoder", safe_serialization=True)
+    model_class = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
+    model_class(config).eval().save_pretrained(root / encoder_dir, safe_serialization=True)
 
 
 @pytest.fixture

@@ -150,15 +150,10 @@ def _save_variant(unet, folder: Path, variant: str, **options) -> None:
 
 
 @pytest.fixture
-def fp16_checkpoint(tmp_path: Path) -> Path:
+def fp16_checkpoint(tmp_path: Path, make_foreign_unet) -> Path:
     """SD's layout with only fp16 variant weights in unet/ (as many hub checkpoints ship them)."""
-    from diffusers import UNet2DConditionModel
-
-    from conftest import tiny_unet_config
-
-    torch.manual_seed(0)
     root = tmp_path / "fp16-only"
-    _save_variant(UNet2DConditionModel(**tiny_unet_config()), root / "unet", "fp16")
+    _save_variant(make_foreign_unet(), root / "unet", "fp16")
     return root
 
 
@@ -174,16 +169,12 @@ def test_variant_only_folder_names_the_folder_files_and_option(fp16_checkpoint):
 
 @pytest.mark.parametrize("variant", ["fp16", "bf16"])
 @pytest.mark.parametrize("layout", ["unet_subfolder", "bare_unet_folder"])
-def test_variant_weights_load_as_float32(tmp_path, variant, layout):
-    from diffusers import UNet2DConditionModel
+def test_variant_weights_load_as_float32(tmp_path, make_foreign_unet, variant, layout):
     from safetensors.torch import load_file
 
-    from conftest import tiny_unet_config
-
-    torch.manual_seed(0)
     root = tmp_path / "checkpoint"
     folder = root / "unet" if layout == "unet_subfolder" else root
-    _save_variant(UNet2DConditionModel(**tiny_unet_config()), folder, variant)
+    _save_variant(make_foreign_unet(), folder, variant)
     stored = load_file(str(folder / f"diffusion_pytorch_model.{variant}.safetensors"))
     bundle = load_model(root, variant=variant)
     assert bundle.source == str(folder.resolve())
@@ -222,13 +213,8 @@ def test_missing_variant_lists_what_is_there(fp16_checkpoint, foreign_checkpoint
         load_model(foreign_checkpoint, variant="fp16")
 
 
-def test_sharded_variant_loads(tmp_path):
-    from diffusers import UNet2DConditionModel
-
-    from conftest import tiny_unet_config
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**tiny_unet_config())
+def test_sharded_variant_loads(tmp_path, make_foreign_unet):
+    unet = make_foreign_unet()
     root = tmp_path / "sharded"
     _save_variant(unet, root / "unet", "fp16", max_shard_size="20KB")
     shards = sorted(path.name for path in (root / "unet").glob("*.safetensors"))

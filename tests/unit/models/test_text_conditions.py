@@ -40,7 +40,7 @@ def test_conditions_are_the_clip_encodings_of_the_prompts(clip_checkpoint, promp
     assert isinstance(source, TextConditionSource)
     assert bundle.condition_report == {"kind": "text_encoder", "text_encoder": str(clip_checkpoint / "text_encoder"),
                                        "prompts_file": str(prompts_file), "prompts": 3, "seq_len": 12,
-                                       "truncated_prompts": 0}
+                                       "truncated_prompts": 0, "null": "the empty prompt's encoding"}
     reference = clip_encode(clip_checkpoint, PROMPTS)
     assert (source.seq_len, source.dim, source.num_classes) == (12, 16, None)
     assert source.encoded.states.dtype == torch.float32
@@ -87,28 +87,40 @@ def test_long_prompts_are_cut_and_counted(clip_checkpoint, tmp_path, caplog):
                                                                             .splitlines()), rtol=0, atol=1e-6)
 
 
+def make_tiny_sdxl_unet():
+    """The tiny SDXL UNet factory of tests/tinymodels.py (added with the SDXL UNet support)."""
+    import tinymodels
+
+    factory = getattr(tinymodels, "make_tiny_sdxl_unet", None)
+    if factory is None:
+        pytest.skip("tests/tinymodels.py has no make_tiny_sdxl_unet yet (SDXL UNet support)")
+    return factory
+
+
 def _random_warning(bundle) -> str:
     assert bundle.condition_report["kind"] == "random"
     return bundle.condition_report["warning"]
 
 
-@pytest.mark.parametrize("case", ["no_text_encoder", "no_prompts_file", "sdxl_layout"])
-def test_random_conditions_are_warned(case, clip_checkpoint, foreign_checkpoint, prompts_file, caplog):
+@pytest.mark.parametrize("case", ["no_text_encoder", "no_prompts_file", "sdxl_unet_without_text_encoder_2"])
+def test_random_conditions_are_warned(case, clip_checkpoint, foreign_checkpoint, prompts_file, tmp_path, caplog):
     from lowbit_deploy.models.conditioning import RandomConditionSource
 
-    root, prompts = {"no_text_encoder": (foreign_checkpoint, prompts_file),
-                     "no_prompts_file": (clip_checkpoint, None),
-                     "sdxl_layout": (clip_checkpoint, prompts_file)}[case]
-    if case == "sdxl_layout":
-        (root / "text_encoder_2").mkdir()
-        (root / "tokenizer_2").mkdir()
+    if case == "sdxl_unet_without_text_encoder_2":
+        root = tmp_path / "sdxl-one-encoder"
+        make_tiny_sdxl_unet()(cross_attention_dim=16).save_pretrained(root / "unet")
+        for name in ("text_encoder", "tokenizer"):
+            (clip_checkpoint / name).rename(root / name)
+    else:
+        root = foreign_checkpoint if case == "no_text_encoder" else clip_checkpoint
     with caplog.at_level(logging.WARNING, logger="lowbit_deploy"):
-        bundle = load_model(root, prompts_file=prompts)
+        bundle = load_model(root, prompts_file=None if case == "no_prompts_file" else prompts_file)
     assert isinstance(bundle.condition, RandomConditionSource)
     warning = _random_warning(bundle)
     reason = {"no_text_encoder": f"{root.resolve()} has no text_encoder/ and tokenizer/",
               "no_prompts_file": "the recipe names no prompts file",
-              "sdxl_layout": "SDXL's two text encoders"}[case]
+              "sdxl_unet_without_text_encoder_2": "no text_encoder_2/ and tokenizer_2/ for this SDXL UNet's pooled "
+                                                  "text_embeds"}[case]
     assert reason in warning and "conditions.prompts_file" in warning and warning in caplog.text
 
 
@@ -161,7 +173,7 @@ def test_text_encoder_of_another_width_is_refused(tmp_path, prompts_file, tiny_c
     root = tmp_path / "mismatched"
     make_tiny_unet(cross_attention_dim=16).save_pretrained(root / "unet")
     tiny_clip_writer(root, hidden=8)
-    with pytest.raises(UserError, match="hidden size 8, but the UNet's cross-attention takes 16"):
+    with pytest.raises(UserError, match="give states of width text_encoder 8, but the UNet's cross-attention takes 16"):
         load_model(root, prompts_file=prompts_file)
 
 
@@ -191,6 +203,11 @@ def test_recipe_prompts_file_is_relative_to_the_recipe(tmp_path, tiny_recipe_dic
         parse_recipe(tiny_recipe_dict)
 
 
+def _states_of(args, kwargs) -> torch.Tensor:
+    """The encoder_hidden_states of a UNet call (keyword, or diffusers' third positional argument)."""
+    return (kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]).detach().clone()
+
+
 class _RecordConditions:
     """Records the encoder_hidden_states of every student call in a training run."""
 
@@ -199,8 +216,7 @@ class _RecordConditions:
 
     def on_train_begin(self, run) -> None:
         def hook(module, args, kwargs):
-            states = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-            self.states.append(states.detach().clone())
+            self.states.append(_states_of(args, kwargs))
 
         run.student.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -260,3 +276,102 @@ def test_export_and_validate_use_the_recorded_prompts(clip_checkpoint, prompts_f
     entry = json.loads((run_dir / "report.json").read_text())["validate"]
     assert entry["conditions"]["kind"] == "text_encoder" and entry["conditions"]["prompts"] == 3
     assert "Conditions: text_encoder" in (run_dir / "report.md").read_text()
+
+
+# SDXL: two CLIPs (text_encoder/ hidden 8 + text_encoder_2/ hidden 8 with an 8-wide projection) for the tiny SDXL
+# UNet (cross-attention 16, text_embeds 8).
+@pytest.fixture
+def sdxl_checkpoint(tmp_path, tiny_clip_writer) -> Path:
+    from tinymodels import TINY_SDXL_TEXT_DIM
+
+    root = tmp_path / "tiny-sdxl"
+    make_tiny_sdxl_unet()(cross_attention_dim=16).save_pretrained(root / "unet")
+    tiny_clip_writer(root, hidden=8)
+    tiny_clip_writer(root, hidden=8, seed=1, encoder_dir="text_encoder_2", tokenizer_dir="tokenizer_2",
+                     projection_dim=TINY_SDXL_TEXT_DIM)
+    return root
+
+
+def sdxl_encode(root: Path, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference, as diffusers' SDXL pipeline encodes: both encoders' penultimate hidden states concatenated,
+    text_encoder_2's projected text_embeds pooled."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    states = []
+    for encoder_dir, tokenizer_dir, model_class in (("text_encoder", "tokenizer", CLIPTextModel),
+                                                    ("text_encoder_2", "tokenizer_2", CLIPTextModelWithProjection)):
+        tokenizer = CLIPTokenizer.from_pretrained(str(root / tokenizer_dir))
+        encoder = model_class.from_pretrained(str(root / encoder_dir)).eval()
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            output = encoder(ids, output_hidden_states=True)
+        states.append(output.hidden_states[-2])
+    return torch.cat(states, dim=-1), output.text_embeds
+
+
+@pytest.mark.parametrize("force_zeros", [None, False])
+def test_sdxl_prompts_use_both_encoders_and_pooled_embeds(sdxl_checkpoint, prompts_file, force_zeros):
+    if force_zeros is not None:
+        (sdxl_checkpoint / "model_index.json").write_text(json.dumps({"force_zeros_for_empty_prompt": force_zeros}))
+    bundle = load_model(sdxl_checkpoint, prompts_file=prompts_file)
+    source = bundle.condition
+    assert bundle.condition_report["kind"] == "text_encoder" and "text_encoder_2" in bundle.condition_report[
+        "text_encoder"]
+    states, pooled = sdxl_encode(sdxl_checkpoint, PROMPTS)
+    torch.testing.assert_close(source.for_prompts(PROMPTS), states, rtol=0, atol=1e-6)
+    conditions = source.sample_conditions(8, torch.Generator().manual_seed(2))
+    assert set(conditions.added) == {"text_embeds", "time_ids"}
+    for row, embeds in zip(conditions.encoder_hidden_states, conditions.added["text_embeds"]):
+        index = next(i for i in range(3) if torch.allclose(row, states[i], rtol=0, atol=1e-6))
+        torch.testing.assert_close(embeds, pooled[index], rtol=0, atol=1e-6)  # the same prompt's pooled embeds
+    null = source.null_conditions(2)
+    if force_zeros is None:  # SDXL's default: zeros for the empty prompt
+        assert not null.encoder_hidden_states.any() and not null.added["text_embeds"].any()
+    else:
+        empty_states, empty_pooled = sdxl_encode(sdxl_checkpoint, [""])
+        torch.testing.assert_close(null.encoder_hidden_states, empty_states.expand(2, -1, -1), rtol=0, atol=1e-6)
+        torch.testing.assert_close(null.added["text_embeds"], empty_pooled.expand(2, -1), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        output = bundle.unet(torch.randn(8, 4, 8, 8), torch.full((8,), 10), **conditions.unet_keywords()).sample
+    assert output.shape == (8, 4, 8, 8) and torch.isfinite(output).all()
+
+
+def test_sdxl_encoders_of_another_width_are_refused(sdxl_checkpoint, prompts_file, tiny_clip_writer):
+    import shutil
+
+    shutil.rmtree(sdxl_checkpoint / "text_encoder_2")
+    shutil.rmtree(sdxl_checkpoint / "tokenizer_2")
+    tiny_clip_writer(sdxl_checkpoint, hidden=8, encoder_dir="text_encoder_2", tokenizer_dir="tokenizer_2",
+                     projection_dim=6)
+    with pytest.raises(UserError, match="projects to 6 features, but the UNet's text_embeds take 8"):
+        load_model(sdxl_checkpoint, prompts_file=prompts_file)
+
+
+def test_sdxl_training_uses_prompts_and_their_pooled_embeds(sdxl_checkpoint, prompts_file, tiny_recipe_dict,
+                                                            tmp_path):
+    from lowbit_deploy.qat.trainer import train
+    from lowbit_deploy.recipes import parse_recipe
+
+    tiny_recipe_dict["conditions"] = {"prompts_file": str(prompts_file)}
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class Record(_RecordConditions):
+        def on_train_begin(self, run) -> None:
+            def hook(module, args, kwargs):
+                seen.append((_states_of(args, kwargs), kwargs["added_cond_kwargs"]["text_embeds"].detach().clone()))
+
+            run.student.register_forward_pre_hook(hook, with_kwargs=True)
+
+    run_dir = tmp_path / "run"
+    train(parse_recipe(tiny_recipe_dict), run_dir, model_path=str(sdxl_checkpoint), steps=2, progress=False,
+          callbacks=(Record(),))
+    assert json.loads((run_dir / "report.json").read_text())["train"]["conditions"]["kind"] == "text_encoder"
+    states, pooled = sdxl_encode(sdxl_checkpoint, PROMPTS)
+    states = torch.cat([states, torch.zeros_like(states[:1])])  # the null: zeros, SDXL's default
+    pooled = torch.cat([pooled, torch.zeros_like(pooled[:1])])
+    rows = [(state, embeds) for batch_states, batch_embeds in seen for state, embeds in zip(batch_states, batch_embeds)]
+    assert len(rows) == 4
+    for state, embeds in rows:  # a prompt (or the zero null) with its own pooled embeds
+        index = next(i for i in range(4) if torch.allclose(state, states[i], rtol=0, atol=1e-6))
+        torch.testing.assert_close(embeds, pooled[index], rtol=0, atol=1e-6)
