@@ -264,3 +264,24 @@ def test_variant_is_recorded_for_resume_and_validate(fp16_checkpoint, tiny_recip
         train(recipe.with_variant("bf16"), run_dir, resume=True, progress=False)
     context = prepare_validation(run_dir)
     assert all(p.dtype == torch.float32 for p in context.bundle.unet.parameters())
+
+
+def test_cli_variant_option(fp16_checkpoint, tiny_recipe_dict, tmp_path):
+    """``--variant`` on the command line: without it a variant-only folder is a clean bad-input exit naming the
+    option; with it the run trains and records the variant."""
+    import yaml
+    from click.testing import CliRunner
+
+    from lowbit_deploy.cli import main
+    from lowbit_deploy.qat.checkpoint import checkpoint_recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict))
+    common = ["train", str(recipe), "--model", str(fp16_checkpoint), "--steps", "0", "--no-progress"]
+    refused = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 2 and "`--variant fp16`" in refused.output and "Traceback" not in refused.output
+    trained = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "run"), "--variant", "fp16"])
+    assert trained.exit_code == 0, trained.output
+    assert checkpoint_recipe(tmp_path / "run").model.variant == "fp16"
+    bad = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "bad"), "--variant", "fp 16"])
+    assert bad.exit_code == 2 and "model.variant" in bad.output
