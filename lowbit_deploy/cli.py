@@ -74,13 +74,16 @@ def train(recipe: Path, run_dir: Path, model_path: str | None, variant: str | No
 
 @main.command()
 @RUN_DIR
+@click.option("--fp16-reference/--no-fp16-reference", default=None,
+              help="Also write model_fp16.onnx, the plain fp16 model, for size comparison (default: the recipe's "
+                   "export.export_fp16_reference). docs/scale.md: the memory each costs.")
 @stage
-def export(run_dir: Path) -> bool:
+def export(run_dir: Path, fp16_reference: bool | None) -> bool:
     """Export RUN_DIR's checkpoint to RUN_DIR/model.onnx with packed low-bit weights (lowbit::UnpackDequantize) and,
     for EfficientDM recipes, quantized activations (lowbit::QuantizeDequantizeActivation, or standard Q/DQ)."""
     from .export.onnx_export import export_run
 
-    report = export_run(run_dir)
+    report = export_run(run_dir, fp16_reference)
     report_result(report.to_dict())
     activations = (f", activations: {report.activation_nodes} per-step lowbit nodes + {report.activation_qdq_pairs} "
                    f"INT8 Q/DQ pairs" if report.activation_nodes or report.activation_qdq_pairs else "")

@@ -264,28 +264,36 @@ def export_float_reference(unet: nn.Module, plan, signature: DeployedSignature, 
     return _save(model, path)
 
 
-def export_run(run_dir: str | Path) -> ExportReport:
-    """The ``export`` stage: read ``run_dir``'s checkpoint, write ``model.onnx`` (+ ``model_fp16.onnx``)."""
-    from ..qat.checkpoint import load_checkpoint
+def export_run(run_dir: str | Path, fp16_reference: bool | None = None) -> ExportReport:
+    """The ``export`` stage: read ``run_dir``'s checkpoint, write ``model.onnx`` (+ ``model_fp16.onnx`` where
+    ``fp16_reference``, by default the recipe's ``export.export_fp16_reference``). Refused before anything is loaded
+    when the memory it needs is not available (export/memory.py)."""
+    from ..qat.checkpoint import checkpoint_file, checkpoint_recipe, load_checkpoint
     from ..run_dir import check_output_dir, check_run_dir_exists, run_lock
+    from .memory import check_export_memory, checkpoint_parameters
 
     run_dir = check_run_dir_exists(run_dir, "lowbit-deploy train RECIPE --out RUN_DIR")
+    weights = checkpoint_file(run_dir)
+    if fp16_reference is None:
+        fp16_reference = checkpoint_recipe(weights).export.export_fp16_reference
+    check_export_memory(checkpoint_parameters(weights), fp16_reference)
     checkpoint = load_checkpoint(run_dir)
     check_output_dir(run_dir, "RUN_DIR")
     with run_lock(run_dir):
         remove_stale_temporaries(run_dir)
-        return _export_locked(run_dir, checkpoint)
+        return _export_locked(run_dir, checkpoint, fp16_reference)
 
 
-def _export_locked(run_dir: Path, checkpoint) -> ExportReport:
+def _export_locked(run_dir: Path, checkpoint, fp16_reference: bool) -> ExportReport:
     config = checkpoint.recipe.export
-    if not config.export_fp16_reference:
+    if not fp16_reference:
         # A reference left by an earlier export would otherwise be built and compared against this model.
         (run_dir / "model_fp16.onnx").unlink(missing_ok=True)
+        external_data_path(run_dir / "model_fp16.onnx").unlink(missing_ok=True)
     options = ExportOptions(packing=config.packing, float_storage=config.float_storage)
     report = export_onnx(checkpoint.unet, run_dir / "model.onnx", plan=checkpoint.plan,
                          signature=checkpoint.signature, opset=config.opset, options=options,
-                         fp16_reference_path=run_dir / "model_fp16.onnx" if config.export_fp16_reference else None,
+                         fp16_reference_path=run_dir / "model_fp16.onnx" if fp16_reference else None,
                          inplace=True)
     entry = {**report.to_dict(), "signature": checkpoint.signature.describe()}
     if checkpoint.plan.caches_time:

@@ -313,6 +313,8 @@ def validate_run(run_dir: str | Path, *, gates: Gates | None = None, sampling: S
 def _validate_locked(run_dir: Path, gates: Gates | None, sampling: SamplingSection | None, skip_sampling: bool,
                      per_layer: bool, per_layer_chunk: int | None, ort_weights: str,
                      scale_sampling: bool) -> ValidationReport:
+    from ..export.memory import check_validate_memory, checkpoint_parameters
+    from ..qat.checkpoint import checkpoint_file
     from ..run_dir import check_onnx_matches_checkpoint
     from ..runtime.ort import OrtRunner
     from ..runtime.trt import device_compute_capability
@@ -322,6 +324,7 @@ def _validate_locked(run_dir: Path, gates: Gates | None, sampling: SamplingSecti
     started = time.perf_counter()
     onnx_path = run_dir / "model.onnx"
     check_onnx_matches_checkpoint(run_dir)  # bad input fails before any model is loaded
+    check_validate_memory(checkpoint_parameters(checkpoint_file(run_dir)))
     context = prepare_validation(run_dir, keep_trained=False)
     recipe, signature = context.checkpoint.recipe, context.signature
     config = recipe.validate_

@@ -1,0 +1,108 @@
+"""Memory a stage needs for a UNet of N parameters, checked before the stage loads anything (docs/scale.md).
+
+Peak resident memory grows with the parameter count; the bytes per parameter below are upper bounds of what
+benchmarks/scale.py measured on an SD1.5-shaped UNet (860M parameters) on the 2-core / 24 GB CPU machine, plus a
+fixed cost for the interpreter and libraries. A stage whose estimate passes the memory available now (MemAvailable,
+or the cgroup's limit where lower) is refused with what to do instead of being killed halfway.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+
+GIB = 2**30
+FIXED_BYTES = int(1.5 * GIB)  # python, torch, onnx, onnxruntime, diffusers
+# export: the trained fp32 checkpoint (4 B) while it is deployed in place and traced (packed words, fp16 floats).
+EXPORT_BYTES_PER_PARAMETER = 5.0
+# the fp16 reference on top: its fp16 weights (2 B), the traced graph in torch and the ONNX proto read back (2 B each)
+FP16_REFERENCE_BYTES_PER_PARAMETER = 6.0
+# validate: trained-then-deployed model (4 B), the float teacher for the FP samples (4 B), one ORT session (packed)
+VALIDATE_BYTES_PER_PARAMETER = 10.0
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    stage: str
+    parameters: int
+    needed_bytes: int
+    available_bytes: int | None  # None: unknown here (no /proc/meminfo)
+
+    @property
+    def fits(self) -> bool:
+        return self.available_bytes is None or self.needed_bytes <= self.available_bytes
+
+    def describe(self) -> str:
+        have = "unknown" if self.available_bytes is None else f"{self.available_bytes / GIB:.1f} GiB"
+        return (f"{self.stage} of a {self.parameters / 1e6:,.0f}M-parameter UNet needs about "
+                f"{self.needed_bytes / GIB:.1f} GiB; available now: {have}")
+
+
+def available_bytes() -> int | None:
+    """Memory this process can still take: MemAvailable, capped by a cgroup v2 limit."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def checkpoint_parameters(weights_file: str | os.PathLike) -> int:
+    """Elements stored in a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(weights_file), framework="pt") as handle:
+        for key in handle.keys():
+            count = 1
+            for extent in handle.get_slice(key).get_shape():
+                count *= extent
+            total += count
+    return total
+
+
+def export_estimate(parameters: int, fp16_reference: bool, available: int | None = None) -> MemoryEstimate:
+    per_parameter = EXPORT_BYTES_PER_PARAMETER + (FP16_REFERENCE_BYTES_PER_PARAMETER if fp16_reference else 0.0)
+    return MemoryEstimate("export" + (" with the fp16 reference" if fp16_reference else ""), parameters,
+                          FIXED_BYTES + int(per_parameter * parameters),
+                          available if available is not None else available_bytes())
+
+
+def validate_estimate(parameters: int, available: int | None = None) -> MemoryEstimate:
+    return MemoryEstimate("validate", parameters, FIXED_BYTES + int(VALIDATE_BYTES_PER_PARAMETER * parameters),
+                          available if available is not None else available_bytes())
+
+
+def check_export_memory(parameters: int, fp16_reference: bool, available: int | None = None) -> MemoryEstimate:
+    """Refuse an export that will not fit, naming the fix (the fp16 reference first: it is optional)."""
+    estimate = export_estimate(parameters, fp16_reference, available)
+    if estimate.fits:
+        return estimate
+    without = export_estimate(parameters, False, estimate.available_bytes)
+    if fp16_reference and without.fits:
+        fix = (f"export without the fp16 size reference (`lowbit-deploy export RUN_DIR --no-fp16-reference`, or "
+               f"export.export_fp16_reference: false in the recipe): about {without.needed_bytes / GIB:.1f} GiB")
+    else:
+        fix = (f"free memory or run on a machine with at least {without.needed_bytes / GIB:.0f} GiB available"
+               + (" and export without the fp16 reference (--no-fp16-reference)" if fp16_reference else ""))
+    raise UserError(f"{estimate.describe()}, so it would be killed for memory part way; {fix} (docs/scale.md)")
+
+
+def check_validate_memory(parameters: int, available: int | None = None) -> MemoryEstimate:
+    estimate = validate_estimate(parameters, available)
+    if not estimate.fits:
+        raise UserError(f"{estimate.describe()}, so it would be killed for memory part way; free memory or "
+                        f"validate on a machine with at least {estimate.needed_bytes / GIB:.0f} GiB available "
+                        f"(docs/scale.md)")
+    return estimate

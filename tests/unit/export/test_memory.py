@@ -1,0 +1,71 @@
+"""The memory pre-flight: a stage that will not fit is refused before it loads anything, naming the fix."""
+
+import copy
+
+import pytest
+from click.testing import CliRunner
+
+from lowbit_deploy.cli import main
+from lowbit_deploy.errors import UserError
+from lowbit_deploy.export import memory
+from lowbit_deploy.export.memory import GIB, check_export_memory, check_validate_memory, checkpoint_parameters
+
+SD15_PARAMETERS = 859_520_964
+SDXL_PARAMETERS = 2_567_463_684
+
+
+@pytest.fixture(scope="module")
+def ptq_run(tmp_path_factory):
+    from tinymodels import TINY_RECIPE
+
+    from lowbit_deploy.qat.trainer import train
+    from lowbit_deploy.recipes import parse_recipe
+
+    data = copy.deepcopy(TINY_RECIPE)
+    data["train"] = {"steps": 0, "batch_size": 2, "checkpoint_every": 1, "data": "gaussian"}
+    data["export"] = {"export_fp16_reference": True}
+    run = tmp_path_factory.mktemp("memory") / "run"
+    train(parse_recipe(data), run, progress=False)
+    return run
+
+
+def test_parameters_are_counted_from_the_header(ptq_run):
+    from lowbit_deploy.qat.checkpoint import checkpoint_file, load_checkpoint
+
+    expected = sum(tensor.numel() for tensor in load_checkpoint(ptq_run).unet.state_dict().values())
+    assert checkpoint_parameters(checkpoint_file(ptq_run)) == expected
+
+
+@pytest.mark.parametrize("parameters, available_gib, fp16_reference, fits", [
+    (SD15_PARAMETERS, 14, True, True),
+    (SDXL_PARAMETERS, 22, False, True),
+    (SDXL_PARAMETERS, 22, True, False),      # refused: drop the fp16 reference
+    (SDXL_PARAMETERS, 8, False, False),      # refused: needs a larger machine
+])
+def test_export_is_refused_when_it_will_not_fit(parameters, available_gib, fp16_reference, fits):
+    if fits:
+        assert check_export_memory(parameters, fp16_reference, available_gib * GIB).fits
+        return
+    fix = "--no-fp16-reference" if fp16_reference else "at least"
+    with pytest.raises(UserError, match=f"export.*needs about .* GiB; available now: {available_gib}.0 GiB.*{fix}"):
+        check_export_memory(parameters, fp16_reference, available_gib * GIB)
+
+
+def test_validate_is_refused_when_it_will_not_fit():
+    assert check_validate_memory(SD15_PARAMETERS, 16 * GIB).fits
+    with pytest.raises(UserError, match="validate of a 2,567M-parameter UNet needs about"):
+        check_validate_memory(SDXL_PARAMETERS, 16 * GIB)
+
+
+def test_export_refuses_before_writing_and_the_flag_drops_the_reference(ptq_run, monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: GIB)  # below the fixed cost: nothing fits
+    result = CliRunner().invoke(main, ["export", str(ptq_run)])
+    assert result.exit_code == 2 and "needs about" in result.output and "at least" in result.output
+    assert not (ptq_run / "model.onnx").exists()
+    monkeypatch.undo()
+    result = CliRunner().invoke(main, ["export", str(ptq_run), "--no-fp16-reference"])
+    assert result.exit_code == 0, result.output
+    assert (ptq_run / "model.onnx").is_file() and not (ptq_run / "model_fp16.onnx").exists()
+    result = CliRunner().invoke(main, ["export", str(ptq_run)])  # the recipe's export_fp16_reference: true
+    assert result.exit_code == 0, result.output
+    assert (ptq_run / "model_fp16.onnx").is_file()
