@@ -76,9 +76,9 @@ class UnpackDequantizeFields:
         """Name of the TensorRT DataType of the packed input."""
         return "INT8" if self.word_bits == 8 else "INT32"
 
-    def launch(self, library: Any, packed: int, scale: int, out: int, stream: int) -> None:
+    def launch(self, library: Any, packed: int, scale: int, out: int, stream: int, out_fp16: bool = False) -> None:
         library.unpack_dequantize_launch(packed, self.word_bits, scale, out, self.numel, self.shape[0], self.levels,
-                                         self.qmin, self.codes_per_word, stream)
+                                         self.qmin, self.codes_per_word, stream, out_fp16=out_fp16)
 
 
 @dataclass(frozen=True)
@@ -106,9 +106,10 @@ class UnpackDequantizeBitstreamFields:
     def packed_type(self) -> str:
         return "INT8"
 
-    def launch(self, library: Any, packed: int, scale: int, out: int, stream: int) -> None:
+    def launch(self, library: Any, packed: int, scale: int, out: int, stream: int, out_fp16: bool = False) -> None:
         library.unpack_dequantize_bitstream_launch(packed, self.num_bytes, scale, out, self.numel, self.shape[0],
-                                                   self.levels, self.qmin, self.group_size, self.group_bits, stream)
+                                                   self.levels, self.qmin, self.group_size, self.group_bits, stream,
+                                                   out_fp16=out_fp16)
 
 
 def _parse_common(fields: Mapping[str, Any], names: tuple[str, ...]) -> tuple[dict[str, int], tuple[int, ...]]:
@@ -223,6 +224,8 @@ def plugin_classes(trt: ModuleType, version: str = PLUGIN_VERSION) -> tuple[type
             return _serialization_arrays(self.fields)
 
         def get_output_data_types(self, input_types: Any) -> list[Any]:
+            # The op's output type. HALF is offered through supports_format_combination: a network that is not
+            # strongly typed may pick it; a strongly typed one (every TensorRT-RTX network) keeps this type.
             return [trt.DataType.FLOAT]
 
         def get_output_shapes(self, inputs: Any, shape_inputs: Any, expr_builder: Any) -> list[Any]:
@@ -241,18 +244,23 @@ def plugin_classes(trt: ModuleType, version: str = PLUGIN_VERSION) -> tuple[type
             desc = in_out[pos].desc
             if desc.format != trt.TensorFormat.LINEAR:
                 return False
-            wanted = (getattr(trt.DataType, self.fields.packed_type), trt.DataType.HALF, trt.DataType.FLOAT)
-            return pos < len(wanted) and desc.type == wanted[pos]
+            # Output: float32, or float16 (the float32 value rounded to nearest even) for networks in half precision.
+            wanted = ((getattr(trt.DataType, self.fields.packed_type),), (trt.DataType.HALF,),
+                      (trt.DataType.FLOAT, trt.DataType.HALF))
+            return pos < len(wanted) and desc.type in wanted[pos]
 
         def configure_plugin(self, inputs: Any, outputs: Any) -> None:
             _check_io(self.fields, [tuple(i.desc.dims) for i in inputs], len(outputs))
+            if outputs[0].desc.type not in (trt.DataType.FLOAT, trt.DataType.HALF):
+                raise UserError(f"{OP_NAME}: the output must be FLOAT or HALF, got {outputs[0].desc.type}")
 
         def on_shape_change(self, inputs: Any, outputs: Any) -> None:
             _check_io(self.fields, [tuple(i.dims) for i in inputs], len(outputs))
 
         def enqueue(self, input_desc: Any, output_desc: Any, inputs: Any, outputs: Any, workspace: int,
                     stream: int) -> None:
-            self.fields.launch(self.attached_library(), int(inputs[0]), int(inputs[1]), int(outputs[0]), int(stream))
+            self.fields.launch(self.attached_library(), int(inputs[0]), int(inputs[1]), int(outputs[0]), int(stream),
+                               out_fp16=output_desc[0].type == trt.DataType.HALF)
 
     creator = creator_class(trt, OP_NAME, version, field_names, lambda fields: UnpackDequantizePlugin(parse(fields)))
     return UnpackDequantizePlugin, creator

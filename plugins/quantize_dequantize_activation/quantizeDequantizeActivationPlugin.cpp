@@ -29,54 +29,14 @@ void constantDims(nvinfer1::DimsExprs const* inputs, int32_t nbInputs, nvinfer1:
 } // namespace
 
 QuantizeDequantizeActivationPlugin::QuantizeDequantizeActivationPlugin(QuantizeDequantizeActivationFields fields)
-    : mFields(fields)
+    : LowbitPluginOf(kOP, kQUANTIZE_DEQUANTIZE_ACTIVATION_VERSION, fields)
 {
-}
-
-nvinfer1::IPluginCapability* QuantizeDequantizeActivationPlugin::getCapabilityInterface(
-    nvinfer1::PluginCapabilityType type) noexcept
-{
-    return guarded<nvinfer1::IPluginCapability*>("getCapabilityInterface", mErrorRecorder, kOP, nullptr,
-        [&]() -> nvinfer1::IPluginCapability* {
-            switch (type)
-            {
-            case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
-            case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
-            case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
-            }
-            throw FieldError("unknown plugin capability type " + std::to_string(static_cast<int32_t>(type)));
-        });
-}
-
-nvinfer1::IPluginV3* QuantizeDequantizeActivationPlugin::clone() noexcept
-{
-    return guarded<nvinfer1::IPluginV3*>("clone", mErrorRecorder, kOP, nullptr, [&]() -> nvinfer1::IPluginV3* {
-        auto copy = std::make_unique<QuantizeDequantizeActivationPlugin>(mFields);
-        copy->mNbInputs = mNbInputs;
-        copy->mErrorRecorder = mErrorRecorder;
-        return copy.release();
-    });
-}
-
-char const* QuantizeDequantizeActivationPlugin::getPluginName() const noexcept
-{
-    return kQUANTIZE_DEQUANTIZE_ACTIVATION_NAME;
-}
-
-char const* QuantizeDequantizeActivationPlugin::getPluginVersion() const noexcept
-{
-    return kQUANTIZE_DEQUANTIZE_ACTIVATION_VERSION;
-}
-
-char const* QuantizeDequantizeActivationPlugin::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
 }
 
 int32_t QuantizeDequantizeActivationPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in,
     int32_t nbInputs, nvinfer1::DynamicPluginTensorDesc const* /* out */, int32_t nbOutputs) noexcept
 {
-    return guarded<int32_t>("configurePlugin", mErrorRecorder, kOP, -1, [&]() -> int32_t {
+    return guard<int32_t>("configurePlugin", -1, [&]() -> int32_t {
         if (in == nullptr && nbInputs > 0)
         {
             throw FieldError("configurePlugin: no input descriptions");
@@ -98,7 +58,7 @@ int32_t QuantizeDequantizeActivationPlugin::configurePlugin(nvinfer1::DynamicPlu
 int32_t QuantizeDequantizeActivationPlugin::getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
     nvinfer1::DataType const* inputTypes, int32_t nbInputs) const noexcept
 {
-    return guarded<int32_t>("getOutputDataTypes", mErrorRecorder, kOP, -1, [&]() -> int32_t {
+    return guard<int32_t>("getOutputDataTypes", -1, [&]() -> int32_t {
         if (outputTypes == nullptr || nbOutputs != 1 || (inputTypes == nullptr && nbInputs > 0))
         {
             throw FieldError("getOutputDataTypes: expected 1 output, got " + std::to_string(nbOutputs));
@@ -119,7 +79,7 @@ int32_t QuantizeDequantizeActivationPlugin::getOutputShapes(nvinfer1::DimsExprs 
     nvinfer1::DimsExprs const* /* shapeInputs */, int32_t /* nbShapeInputs */, nvinfer1::DimsExprs* outputs,
     int32_t nbOutputs, nvinfer1::IExprBuilder& /* exprBuilder */) noexcept
 {
-    return guarded<int32_t>("getOutputShapes", mErrorRecorder, kOP, -1, [&]() -> int32_t {
+    return guard<int32_t>("getOutputShapes", -1, [&]() -> int32_t {
         if (inputs == nullptr || outputs == nullptr)
         {
             throw FieldError("getOutputShapes: no input or output shapes");
@@ -136,7 +96,7 @@ int32_t QuantizeDequantizeActivationPlugin::getOutputShapes(nvinfer1::DimsExprs 
 bool QuantizeDequantizeActivationPlugin::supportsFormatCombination(
     int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs, int32_t nbOutputs) noexcept
 {
-    return guarded<bool>("supportsFormatCombination", mErrorRecorder, kOP, false, [&]() -> bool {
+    return guard<bool>("supportsFormatCombination", false, [&]() -> bool {
         if (inOut == nullptr || nbInputs < kACTIVATION_MIN_INPUTS || nbInputs > kACTIVATION_MAX_INPUTS
             || nbOutputs != 1 || pos < 0 || pos >= nbInputs + nbOutputs)
         {
@@ -148,43 +108,10 @@ bool QuantizeDequantizeActivationPlugin::supportsFormatCombination(
     });
 }
 
-int32_t QuantizeDequantizeActivationPlugin::getNbOutputs() const noexcept
-{
-    return 1;
-}
-
-size_t QuantizeDequantizeActivationPlugin::getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* /* inputs */,
-    int32_t /* nbInputs */, nvinfer1::DynamicPluginTensorDesc const* /* outputs */,
-    int32_t /* nbOutputs */) const noexcept
-{
-    return 0;
-}
-
-int32_t QuantizeDequantizeActivationPlugin::getValidTactics(int32_t* /* tactics */, int32_t /* nbTactics */) noexcept
-{
-    return 0;
-}
-
-int32_t QuantizeDequantizeActivationPlugin::getNbTactics() noexcept
-{
-    return 0;
-}
-
-char const* QuantizeDequantizeActivationPlugin::getTimingCacheID() noexcept
-{
-    // Every instance with the same I/O shapes times the same: one cache entry for all (as the Python plugin).
-    return "";
-}
-
-int32_t QuantizeDequantizeActivationPlugin::setTactic(int32_t /* tactic */) noexcept
-{
-    return 0;
-}
-
 int32_t QuantizeDequantizeActivationPlugin::onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs,
     nvinfer1::PluginTensorDesc const* /* out */, int32_t nbOutputs) noexcept
 {
-    return guarded<int32_t>("onShapeChange", mErrorRecorder, kOP, -1, [&]() -> int32_t {
+    return guard<int32_t>("onShapeChange", -1, [&]() -> int32_t {
         if (in == nullptr && nbInputs > 0)
         {
             throw FieldError("onShapeChange: no input descriptions");
@@ -204,7 +131,7 @@ int32_t QuantizeDequantizeActivationPlugin::enqueue(nvinfer1::PluginTensorDesc c
     nvinfer1::PluginTensorDesc const* /* outputDesc */, void const* const* inputs, void* const* outputs,
     void* /* workspace */, cudaStream_t stream) noexcept
 {
-    return guarded<int32_t>("enqueue", mErrorRecorder, kOP, -1, [&]() -> int32_t {
+    return guard<int32_t>("enqueue", -1, [&]() -> int32_t {
         if (inputDesc == nullptr || inputs == nullptr || outputs == nullptr)
         {
             throw FieldError("enqueue: no input or output buffers");
@@ -229,37 +156,16 @@ int32_t QuantizeDequantizeActivationPlugin::enqueue(nvinfer1::PluginTensorDesc c
             x.d[0], perSample, inputDesc[kACTIVATION_SCALE].dims.d[0], mFields.qmin, mFields.qmax, stream);
         if (status != 0)
         {
-            reportError(std::string("enqueue: kernel launch failed: ") + lowbit_error_string(status), mErrorRecorder,
-                status > 0 ? nvinfer1::ErrorCode::kFAILED_EXECUTION : nvinfer1::ErrorCode::kINVALID_ARGUMENT, kOP);
+            report(std::string("enqueue: kernel launch failed: ") + lowbit_error_string(status),
+                status > 0 ? nvinfer1::ErrorCode::kFAILED_EXECUTION : nvinfer1::ErrorCode::kINVALID_ARGUMENT);
         }
         return status;
     });
 }
 
-nvinfer1::IPluginV3* QuantizeDequantizeActivationPlugin::attachToContext(
-    nvinfer1::IPluginResourceContext* context) noexcept
-{
-    return guarded<nvinfer1::IPluginV3*>("attachToContext", mErrorRecorder, kOP, nullptr,
-        [&]() -> nvinfer1::IPluginV3* {
-            auto copy = std::make_unique<QuantizeDequantizeActivationPlugin>(mFields);
-            copy->mNbInputs = mNbInputs;
-            copy->mErrorRecorder = context != nullptr ? context->getErrorRecorder() : nullptr;
-            return copy.release();
-        });
-}
-
-nvinfer1::PluginFieldCollection const* QuantizeDequantizeActivationPlugin::getFieldsToSerialize() noexcept
-{
-    return guarded<nvinfer1::PluginFieldCollection const*>("getFieldsToSerialize", mErrorRecorder, kOP, nullptr,
-        [&]() -> nvinfer1::PluginFieldCollection const* {
-            // Rebuilt per call and kept on the plugin: TensorRT reads the buffers after this returns.
-            mSerialized = std::make_unique<SerializedActivationFields>(mFields);
-            return mSerialized->collection();
-        });
-}
-
 QuantizeDequantizeActivationPluginCreator::QuantizeDequantizeActivationPluginCreator()
-    : mFieldNames(activationFieldNames()) // declared as the Python creator declares them (INT32, no data)
+    : LowbitPluginCreator(kQUANTIZE_DEQUANTIZE_ACTIVATION_NAME, kQUANTIZE_DEQUANTIZE_ACTIVATION_VERSION,
+        activationFieldNames()) // declared as the Python creator declares them (INT32, no data)
 {
 }
 
@@ -269,26 +175,6 @@ nvinfer1::IPluginV3* QuantizeDequantizeActivationPluginCreator::createPlugin(
     return guarded<nvinfer1::IPluginV3*>("createPlugin", nullptr, kOP, nullptr, [&]() -> nvinfer1::IPluginV3* {
         return new QuantizeDequantizeActivationPlugin(parseActivationFields(fc));
     });
-}
-
-nvinfer1::PluginFieldCollection const* QuantizeDequantizeActivationPluginCreator::getFieldNames() noexcept
-{
-    return mFieldNames.collection();
-}
-
-char const* QuantizeDequantizeActivationPluginCreator::getPluginName() const noexcept
-{
-    return kQUANTIZE_DEQUANTIZE_ACTIVATION_NAME;
-}
-
-char const* QuantizeDequantizeActivationPluginCreator::getPluginVersion() const noexcept
-{
-    return kQUANTIZE_DEQUANTIZE_ACTIVATION_VERSION;
-}
-
-char const* QuantizeDequantizeActivationPluginCreator::getPluginNamespace() const noexcept
-{
-    return kPLUGIN_NAMESPACE;
 }
 
 } // namespace plugin

@@ -1,23 +1,14 @@
 /*
- * Runtime path of the C++ UnpackDequantize plugin, tested without any TensorRT runtime:
- *
- *   lowbit_plugin_test_trt<major> <path to liblowbit_plugins_trt<major>.so>
- *
- * Loads the library with dlopen like TensorRT's loadLibrary, takes the creators from getCreators(), and
- *   1. (CPU) creates plugins from PluginFields, checks names/versions, the serialized fields round trip, and that
- *      malformed fields and wrong input lengths are refused with an error logged (the process survives);
- *   2. (GPU) for v1 (INT8 and INT32 words) and v2 (bit stream) over level counts and shapes: packs random codes,
- *      calls configurePlugin / onShapeChange / enqueue on cudaMalloc'd buffers and compares the output bit for bit
- *      with the kernel library's host path and with the op's formula float32(code + qmin) * float32(scale).
- *
- * Exit status: 0 all passed, 1 a check failed, 77 the CPU part passed and no CUDA device exists (GPU part skipped).
+ * UnpackDequantize v1/v2 cases of the C++ plugin runtime test (main and usage: pluginRuntimeTest.cpp): creators,
+ * fields round trip, refusals and offered formats on the CPU; enqueue on cudaMalloc'd buffers, FLOAT and HALF output,
+ * compared bit for bit with the kernel library's host path and the op's formula on the GPU.
  */
 #include "common/lowbitFormat.h"
+#include "pluginTestSupport.h"
 #include "unpack_dequantize/unpackDequantizeKernel.h"
 
 #include <NvInferRuntime.h>
 #include <cuda_runtime_api.h>
-#include <dlfcn.h>
 
 #include <cstdint>
 #include <cstdio>
@@ -34,61 +25,7 @@ using nvinfer1::PluginField;
 using nvinfer1::PluginFieldCollection;
 using nvinfer1::PluginFieldType;
 
-constexpr int kSKIPPED = 77;
-int gFailures = 0;
-
-void check(bool condition, std::string const& what)
-{
-    if (!condition)
-    {
-        ++gFailures;
-        std::printf("FAIL: %s\n", what.c_str());
-    }
-}
-
-class CountingLogger : public nvinfer1::ILogger
-{
-public:
-    void log(Severity severity, nvinfer1::AsciiChar const* message) noexcept override
-    {
-        if (severity <= Severity::kERROR)
-        {
-            ++errors;
-            last = message;
-        }
-    }
-    int errors{0};
-    std::string last;
-};
-
-class Finder : public nvinfer1::ILoggerFinder
-{
-public:
-    explicit Finder(nvinfer1::ILogger* logger)
-        : mLogger(logger)
-    {
-    }
-    nvinfer1::ILogger* findLogger() override
-    {
-        return mLogger;
-    }
-
-private:
-    nvinfer1::ILogger* mLogger;
-};
-
-class NoResources : public nvinfer1::IPluginResourceContext
-{
-public:
-    nvinfer1::IGpuAllocator* getGpuAllocator() const noexcept override
-    {
-        return nullptr;
-    }
-    nvinfer1::IErrorRecorder* getErrorRecorder() const noexcept override
-    {
-        return nullptr;
-    }
-};
+using namespace lowbit_test;
 
 //! Fields of one plugin; PluginField points into these vectors.
 struct Fields
@@ -147,12 +84,6 @@ nvinfer1::IPluginV3* create(Library& library, Fields& fields, nvinfer1::TensorRT
     return library.creators[fields.version]->createPlugin("test", fields.build(), phase);
 }
 
-template <typename Capability>
-Capability* capability(nvinfer1::IPluginV3* plugin, nvinfer1::PluginCapabilityType type)
-{
-    return static_cast<Capability*>(plugin->getCapabilityInterface(type));
-}
-
 //! Packs codes as op v1 words (base-L digits, least significant first) or the op v2 bit stream; returns bytes.
 std::vector<uint8_t> pack(std::vector<int32_t> const& codes, Fields const& fields)
 {
@@ -199,14 +130,6 @@ std::vector<uint8_t> pack(std::vector<int32_t> const& codes, Fields const& field
     return bytes;
 }
 
-nvinfer1::Dims dims1(int64_t length)
-{
-    nvinfer1::Dims dims{};
-    dims.nbDims = 1;
-    dims.d[0] = length;
-    return dims;
-}
-
 void cpuChecks(Library& library, CountingLogger& logger)
 {
     for (int version : {1, 2})
@@ -243,6 +166,24 @@ void cpuChecks(Library& library, CountingLogger& logger)
         int const errorsBefore = logger.errors;
         check(build->configurePlugin(in, 2, out, 1) != 0, "configurePlugin refuses a short packed input");
         check(logger.errors == errorsBefore + 1, "the refusal is logged through the logger finder");
+        // Output FLOAT (declared) or HALF, LINEAR; nothing else.
+        nvinfer1::DataType declared{};
+        nvinfer1::DataType const inputTypes[2] = {fields.version == 1 && fields.scalars[2].second[0] == 32
+                ? nvinfer1::DataType::kINT32
+                : nvinfer1::DataType::kINT8,
+            nvinfer1::DataType::kHALF};
+        check(build->getOutputDataTypes(&declared, 1, inputTypes, 2) == 0 && declared == nvinfer1::DataType::kFLOAT,
+            "getOutputDataTypes declares FLOAT");
+        nvinfer1::DynamicPluginTensorDesc inOut[3]{};
+        for (auto type : {nvinfer1::DataType::kFLOAT, nvinfer1::DataType::kHALF, nvinfer1::DataType::kINT8})
+        {
+            inOut[2].desc.type = type;
+            inOut[2].desc.format = nvinfer1::TensorFormat::kLINEAR;
+            bool const wanted = type != nvinfer1::DataType::kINT8;
+            check(build->supportsFormatCombination(2, inOut, 2, 1) == wanted, "output type offered");
+        }
+        inOut[2].desc.format = nvinfer1::TensorFormat::kCHW2;
+        check(!build->supportsFormatCombination(2, inOut, 2, 1), "a non-LINEAR output refused");
     }
     Fields bad = wordsFields(3, 8, {4, 2});
     bad.scalars[3].second = {4}; // ternary bytes hold 5 codes
@@ -254,15 +195,22 @@ void cpuChecks(Library& library, CountingLogger& logger)
         "a null field collection is refused");
 }
 
-uint16_t randomHalf(std::mt19937& random)
+//! The op's value of output i, as float32 bits or (half) as float16 bits rounded to nearest even.
+uint32_t expectedBits(float value, bool half)
 {
-    // Normal halves of magnitude 2^-10 .. 2^-1, both signs, plus now and then a subnormal.
-    uint16_t const sign = static_cast<uint16_t>((random() & 1u) << 15);
-    uint16_t const exponent = random() % 16 == 0 ? 0 : static_cast<uint16_t>(5 + random() % 10);
-    return static_cast<uint16_t>(sign | (exponent << 10) | (random() & 0x3FFu));
+    uint32_t bits = 0;
+    if (half)
+    {
+        bits = lowbit::floatToHalfBits(value);
+    }
+    else
+    {
+        std::memcpy(&bits, &value, sizeof(bits));
+    }
+    return bits;
 }
 
-void gpuCase(Library& library, Fields fields, cudaStream_t stream, std::mt19937& random)
+void gpuCase(Library& library, Fields fields, bool half, cudaStream_t stream, std::mt19937& random)
 {
     int32_t const levels = fields.scalars[0].second[0];
     int32_t const qmin = fields.scalars[1].second[0];
@@ -287,14 +235,28 @@ void gpuCase(Library& library, Fields fields, cudaStream_t stream, std::mt19937&
     bool const int32Words = fields.version == 1 && fields.scalars[2].second[0] == 32;
     int64_t const packedLength = int32Words ? static_cast<int64_t>(packed.size() / 4) : static_cast<int64_t>(packed.size());
     std::string const label = "v" + std::to_string(fields.version) + " levels=" + std::to_string(levels) + " numel="
-        + std::to_string(numel) + (int32Words ? " int32 words" : "");
+        + std::to_string(numel) + (int32Words ? " int32 words" : "") + (half ? " HALF output" : "");
 
-    std::vector<float> host(static_cast<size_t>(numel));
-    int const hostStatus = fields.version == 1
-        ? lowbit_unpack_dequantize_host(packed.data(), fields.scalars[2].second[0], scales.data(), host.data(), numel,
-            channels, levels, qmin, fields.scalars[3].second[0])
-        : lowbit_unpack_dequantize_bitstream_host(packed.data(), packedLength, scales.data(), host.data(), numel,
-            channels, levels, qmin, fields.scalars[2].second[0], fields.scalars[3].second[0]);
+    size_t const elementBytes = half ? sizeof(uint16_t) : sizeof(float);
+    size_t const outBytes = static_cast<size_t>(numel) * elementBytes;
+    std::vector<uint8_t> host(outBytes);
+    int const wordBits = fields.scalars[2].second[0];
+    int const last = fields.scalars[3].second[0]; // codes_per_word (v1) or group_bits (v2)
+    int hostStatus = 0;
+    if (fields.version == 1)
+    {
+        hostStatus = half ? lowbit_unpack_dequantize_host_fp16(packed.data(), wordBits, scales.data(),
+                         reinterpret_cast<uint16_t*>(host.data()), numel, channels, levels, qmin, last)
+                          : lowbit_unpack_dequantize_host(packed.data(), wordBits, scales.data(),
+                              reinterpret_cast<float*>(host.data()), numel, channels, levels, qmin, last);
+    }
+    else
+    {
+        hostStatus = half ? lowbit_unpack_dequantize_bitstream_host_fp16(packed.data(), packedLength, scales.data(),
+                         reinterpret_cast<uint16_t*>(host.data()), numel, channels, levels, qmin, wordBits, last)
+                          : lowbit_unpack_dequantize_bitstream_host(packed.data(), packedLength, scales.data(),
+                              reinterpret_cast<float*>(host.data()), numel, channels, levels, qmin, wordBits, last);
+    }
     check(hostStatus == 0, label + ": host path");
 
     std::unique_ptr<nvinfer1::IPluginV3> built(create(library, fields, nvinfer1::TensorRTPhase::kBUILD));
@@ -326,7 +288,7 @@ void gpuCase(Library& library, Fields fields, cudaStream_t stream, std::mt19937&
     {
         out[0].desc.dims.d[axis] = fields.shape[axis];
     }
-    out[0].desc.type = nvinfer1::DataType::kFLOAT;
+    out[0].desc.type = half ? nvinfer1::DataType::kHALF : nvinfer1::DataType::kFLOAT;
     for (auto* desc : {&in[0], &in[1], &out[0]})
     {
         desc->desc.format = nvinfer1::TensorFormat::kLINEAR;
@@ -337,125 +299,85 @@ void gpuCase(Library& library, Fields fields, cudaStream_t stream, std::mt19937&
     nvinfer1::PluginTensorDesc outDesc[1] = {out[0].desc};
     check(runtime->onShapeChange(inDesc, 2, outDesc, 1) == 0, label + ": onShapeChange");
 
-    void* devicePacked = nullptr;
-    void* deviceScales = nullptr;
-    void* deviceOut = nullptr;
-    bool allocated = cudaMalloc(&devicePacked, packed.size()) == cudaSuccess
-        && cudaMalloc(&deviceScales, scales.size() * sizeof(uint16_t)) == cudaSuccess
-        && cudaMalloc(&deviceOut, host.size() * sizeof(float)) == cudaSuccess;
+    DeviceBuffer devicePacked(packed.size());
+    DeviceBuffer deviceScales(scales.size() * sizeof(uint16_t));
+    DeviceBuffer deviceOut(outBytes);
+    bool const allocated = devicePacked.ok && deviceScales.ok && deviceOut.ok;
     check(allocated, label + ": cudaMalloc");
-    std::vector<float> device(host.size(), -1.0F);
+    std::vector<uint8_t> device(outBytes, 0);
     if (allocated)
     {
-        cudaMemcpy(devicePacked, packed.data(), packed.size(), cudaMemcpyHostToDevice);
-        cudaMemcpy(deviceScales, scales.data(), scales.size() * sizeof(uint16_t), cudaMemcpyHostToDevice);
-        cudaMemset(deviceOut, 0xFF, host.size() * sizeof(float)); // NaN pattern: unwritten outputs show
-        void const* inputs[2] = {devicePacked, deviceScales};
-        void* outputs[1] = {deviceOut};
+        cudaMemcpy(devicePacked.data, packed.data(), packed.size(), cudaMemcpyHostToDevice);
+        cudaMemcpy(deviceScales.data, scales.data(), scales.size() * sizeof(uint16_t), cudaMemcpyHostToDevice);
+        cudaMemset(deviceOut.data, 0xFF, outBytes); // NaN pattern: unwritten outputs show
+        void const* inputs[2] = {devicePacked.data, deviceScales.data};
+        void* outputs[1] = {deviceOut.data};
         check(runtime->enqueue(inDesc, outDesc, inputs, outputs, nullptr, stream) == 0, label + ": enqueue");
         check(cudaStreamSynchronize(stream) == cudaSuccess, label + ": synchronize");
-        cudaMemcpy(device.data(), deviceOut, host.size() * sizeof(float), cudaMemcpyDeviceToHost);
+        cudaMemcpy(device.data(), deviceOut.data, outBytes, cudaMemcpyDeviceToHost);
     }
-    cudaFree(devicePacked);
-    cudaFree(deviceScales);
-    cudaFree(deviceOut);
 
     int64_t const perChannel = numel / channels;
     int64_t mismatches = 0;
     for (int64_t i = 0; i < numel; ++i)
     {
-        float const expected
+        float const value
             = static_cast<float>(codes[i] + qmin) * lowbit::halfBitsToFloat(scales[static_cast<size_t>(i / perChannel)]);
-        mismatches += std::memcmp(&device[i], &host[i], sizeof(float)) != 0
-            || std::memcmp(&host[i], &expected, sizeof(float)) != 0;
+        uint32_t const expected = expectedBits(value, half);
+        uint32_t deviceBits = 0;
+        uint32_t hostBits = 0;
+        std::memcpy(&deviceBits, device.data() + i * elementBytes, elementBytes);
+        std::memcpy(&hostBits, host.data() + i * elementBytes, elementBytes);
+        mismatches += deviceBits != hostBits || hostBits != expected;
     }
     check(mismatches == 0, label + ": " + std::to_string(mismatches) + " outputs differ from the host reference");
 }
 
-void gpuChecks(Library& library)
+void gpuChecks(Library& library, cudaStream_t stream)
 {
     std::mt19937 random(1234);
-    cudaStream_t stream;
-    check(cudaStreamCreate(&stream) == cudaSuccess, "cudaStreamCreate");
     std::vector<std::vector<int64_t>> const shapes{{1}, {3, 5}, {7, 3, 3, 3}, {320, 320, 3, 3}, {1280, 641}};
     int cases = 0;
     for (int32_t levels : {2, 3, 4, 5, 7, 9, 15, 16, 17, 256, 65536})
     {
         for (auto const& shape : shapes)
         {
-            for (int32_t wordBits : {8, 32})
+            for (bool half : {false, true})
             {
-                if (lowbit::codesPerWord(levels, wordBits) >= 1)
+                for (int32_t wordBits : {8, 32})
                 {
-                    gpuCase(library, wordsFields(levels, wordBits, shape), stream, random);
-                    ++cases;
+                    if (lowbit::codesPerWord(levels, wordBits) >= 1)
+                    {
+                        gpuCase(library, wordsFields(levels, wordBits, shape), half, stream, random);
+                        ++cases;
+                    }
                 }
+                gpuCase(library, bitstreamFields(levels, shape), half, stream, random);
+                ++cases;
             }
-            gpuCase(library, bitstreamFields(levels, shape), stream, random);
-            ++cases;
         }
     }
-    cudaStreamDestroy(stream);
-    std::printf("GPU: %d enqueue cases compared bit for bit\n", cases);
+    std::printf("GPU: %d UnpackDequantize enqueue cases compared bit for bit (FLOAT and HALF output)\n", cases);
 }
 } // namespace
 
-int main(int argc, char** argv)
+namespace lowbit_test
 {
-    if (argc != 2)
-    {
-        std::fprintf(stderr, "usage: %s <path to liblowbit_plugins_trt*.so>\n", argv[0]);
-        return 2;
-    }
-    void* handle = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
-    if (handle == nullptr)
-    {
-        std::printf("FAIL: dlopen: %s\n", dlerror());
-        return 1;
-    }
-    using GetCreators = nvinfer1::IPluginCreatorInterface* const* (*) (int32_t&);
-    using SetLoggerFinder = void (*)(nvinfer1::ILoggerFinder*);
-    auto getCreators = reinterpret_cast<GetCreators>(dlsym(handle, "getCreators"));
-    auto setLoggerFinder = reinterpret_cast<SetLoggerFinder>(dlsym(handle, "setLoggerFinder"));
-    if (getCreators == nullptr || setLoggerFinder == nullptr)
-    {
-        std::printf("FAIL: the library does not export getCreators and setLoggerFinder\n");
-        return 1;
-    }
-    CountingLogger logger;
-    Finder finder(&logger);
-    setLoggerFinder(&finder);
-    int32_t count = 0;
-    nvinfer1::IPluginCreatorInterface* const* creators = getCreators(count);
+void unpackDequantizeCpuChecks(
+    nvinfer1::IPluginCreatorV3One* words, nvinfer1::IPluginCreatorV3One* bitstream, CountingLogger& logger)
+{
     Library library;
-    for (int32_t i = 0; i < count; ++i)
-    {
-        auto* creator = static_cast<nvinfer1::IPluginCreatorV3One*>(creators[i]);
-        int const version = std::atoi(creator->getPluginVersion());
-        if (std::strcmp(creator->getPluginName(), lowbit::kUNPACK_DEQUANTIZE_NAME) == 0 && (version == 1 || version == 2))
-        {
-            library.creators[version] = creator;
-        }
-    }
-    // UnpackDequantize v1 and v2, and QuantizeDequantizeActivation v1 (tested through TensorRT-RTX from Python).
-    if (count != 3 || library.creators[1] == nullptr || library.creators[2] == nullptr)
-    {
-        std::printf("FAIL: expected the UnpackDequantize v1 and v2 creators among 3, got %d creators\n", count);
-        return 1;
-    }
+    library.creators[1] = words;
+    library.creators[2] = bitstream;
     cpuChecks(library, logger);
-    std::printf("CPU: creators, fields round trip and refusals checked (%d failures)\n", gFailures);
-    int devices = 0;
-    cudaError_t const status = cudaGetDeviceCount(&devices);
-    if (gFailures == 0 && (status != cudaSuccess || devices == 0))
-    {
-        std::printf("SKIPPED GPU part: no CUDA device (cudaGetDeviceCount: %s)\n", cudaGetErrorString(status));
-        return kSKIPPED;
-    }
-    if (gFailures == 0)
-    {
-        gpuChecks(library);
-    }
-    std::printf("%s (%d failures)\n", gFailures == 0 ? "PASSED" : "FAILED", gFailures);
-    return gFailures == 0 ? 0 : 1;
 }
+
+void unpackDequantizeGpuChecks(
+    nvinfer1::IPluginCreatorV3One* words, nvinfer1::IPluginCreatorV3One* bitstream, cudaStream_t stream)
+{
+    Library library;
+    library.creators[1] = words;
+    library.creators[2] = bitstream;
+    gpuChecks(library, stream);
+}
+} // namespace lowbit_test

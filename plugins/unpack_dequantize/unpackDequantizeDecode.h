@@ -333,6 +333,19 @@ LOWBIT_HOST_DEVICE inline ThreadStart threadStart(DecodeGrid const& grid, int64_
     return start;
 }
 
+//! Moves a thread's channel and offset in the channel one grid stride on (strideWithin < perChannel: at most one
+//! carry), instead of dividing the element index by the channel length.
+LOWBIT_HOST_DEVICE inline void advanceChannel(DecodeGrid const& grid, ThreadStart& start)
+{
+    start.channel += grid.strideChannels;
+    start.within += grid.strideWithin;
+    if (start.within >= grid.perChannel)
+    {
+        start.within -= grid.perChannel;
+        ++start.channel;
+    }
+}
+
 //! One thread of the v1 decode (Word: uint8_t or uint32_t, read as unsigned; Out: float or uint16_t half bits).
 template <typename Word, typename Out>
 LOWBIT_HOST_DEVICE inline void unpackWordsThread(WordDecodePlan const& plan, Word const* packed,
@@ -353,13 +366,7 @@ LOWBIT_HOST_DEVICE inline void unpackWordsThread(WordDecodePlan const& plan, Wor
         float const value
             = static_cast<float>(static_cast<int32_t>(code) + plan.qmin) * halfBitsToFloat(scaleFp16[start.channel]);
         storeOutput(out + start.index, value);
-        start.channel += grid.strideChannels;
-        start.within += grid.strideWithin;
-        if (start.within >= grid.perChannel)
-        {
-            start.within -= grid.perChannel;
-            ++start.channel;
-        }
+        advanceChannel(grid, start);
     }
 }
 
@@ -384,13 +391,7 @@ LOWBIT_HOST_DEVICE inline void unpackBitstreamThread(
         float const value32
             = static_cast<float>(static_cast<int32_t>(code) + plan.qmin) * halfBitsToFloat(scaleFp16[start.channel]);
         storeOutput(out + start.index, value32);
-        start.channel += grid.strideChannels;
-        start.within += grid.strideWithin;
-        if (start.within >= grid.perChannel)
-        {
-            start.within -= grid.perChannel;
-            ++start.channel;
-        }
+        advanceChannel(grid, start);
     }
 }
 

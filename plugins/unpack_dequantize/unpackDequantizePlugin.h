@@ -1,51 +1,35 @@
 /*
  * TensorRT IPluginV3 glue of lowbit::UnpackDequantize v1 (word formats) and v2 (bit stream): one plugin class whose
  * version lives in its validated fields (UnpackDequantizeFields: packed input type, packed length, launcher), and
- * one IPluginCreatorV3One per version, like the Python plugin in lowbit_deploy/engines/plugin.py. The decode itself is
- * the kernel library's C ABI (unpackDequantizeKernel.h), free of TensorRT types.
+ * one IPluginCreatorV3One per version, like the Python plugin in lowbit_deploy/engines/plugin.py. The shared IPluginV3
+ * glue is LowbitPlugin (common/lowbitPlugin.h); the decode itself is the kernel library's C ABI
+ * (unpackDequantizeKernel.h), free of TensorRT types.
  *
  * Inputs: 0 packed (INT8 words or stream bytes, or INT32 words) [packed length], 1 HALF scales [shape[0]];
- * output 0 FLOAT `shape`; all LINEAR. Input lengths are checked at build time (getOutputShapes, configurePlugin).
+ * output 0 `shape`, FLOAT (the op's type, what getOutputDataTypes declares) or HALF (offered to TensorRT through
+ * supportsFormatCombination: the float32 value rounded to nearest even); all LINEAR. Input lengths are checked at
+ * build time (getOutputShapes, configurePlugin).
  */
 #ifndef LOWBIT_UNPACK_DEQUANTIZE_PLUGIN_H
 #define LOWBIT_UNPACK_DEQUANTIZE_PLUGIN_H
 
+#include "../common/lowbitPlugin.h"
 #include "unpackDequantizeFields.h"
 
 #include <NvInferRuntime.h>
 
 #include <memory>
-#include <vector>
 
 namespace lowbit
 {
 namespace plugin
 {
 
-class UnpackDequantizePlugin : public nvinfer1::IPluginV3,
-                               public nvinfer1::IPluginV3OneCore,
-                               public nvinfer1::IPluginV3OneBuild,
-                               public nvinfer1::IPluginV3OneRuntime
+class UnpackDequantizePlugin : public LowbitPluginOf<UnpackDequantizePlugin, UnpackDequantizeFields, SerializedFields>
 {
 public:
     explicit UnpackDequantizePlugin(UnpackDequantizeFields fields);
-    ~UnpackDequantizePlugin() override = default;
 
-    UnpackDequantizeFields const& fields() const noexcept
-    {
-        return mFields;
-    }
-
-    // IPluginV3
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override;
-    nvinfer1::IPluginV3* clone() noexcept override;
-
-    // IPluginV3OneCore
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
-
-    // IPluginV3OneBuild
     int32_t configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in, int32_t nbInputs,
         nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept override;
     int32_t getOutputDataTypes(nvinfer1::DataType* outputTypes, int32_t nbOutputs,
@@ -55,48 +39,28 @@ public:
         nvinfer1::IExprBuilder& exprBuilder) noexcept override;
     bool supportsFormatCombination(int32_t pos, nvinfer1::DynamicPluginTensorDesc const* inOut, int32_t nbInputs,
         int32_t nbOutputs) noexcept override;
-    int32_t getNbOutputs() const noexcept override;
-    size_t getWorkspaceSize(nvinfer1::DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
-        nvinfer1::DynamicPluginTensorDesc const* outputs, int32_t nbOutputs) const noexcept override;
-    int32_t getValidTactics(int32_t* tactics, int32_t nbTactics) noexcept override;
-    int32_t getNbTactics() noexcept override;
-    char const* getTimingCacheID() noexcept override;
 
-    // IPluginV3OneRuntime
-    int32_t setTactic(int32_t tactic) noexcept override;
     int32_t onShapeChange(nvinfer1::PluginTensorDesc const* in, int32_t nbInputs, nvinfer1::PluginTensorDesc const* out,
         int32_t nbOutputs) noexcept override;
     int32_t enqueue(nvinfer1::PluginTensorDesc const* inputDesc, nvinfer1::PluginTensorDesc const* outputDesc,
         void const* const* inputs, void* const* outputs, void* workspace, cudaStream_t stream) noexcept override;
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext* context) noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldsToSerialize() noexcept override;
 
 private:
     //! Throws FieldError unless there are 2 one-dimensional inputs of the lengths the fields need and 1 output.
     void checkIo(nvinfer1::Dims const* inputDims, int32_t nbInputs, int32_t nbOutputs) const;
-
-    UnpackDequantizeFields mFields;
-    std::unique_ptr<SerializedFields> mSerialized;
-    nvinfer1::IErrorRecorder* mErrorRecorder{nullptr}; //!< of the execution context, once attached
 };
 
 //! Creator of one op version: name "UnpackDequantize", namespace "lowbit", version "1" or "2".
-class UnpackDequantizePluginCreator : public nvinfer1::IPluginCreatorV3One
+class UnpackDequantizePluginCreator : public LowbitPluginCreator
 {
 public:
     explicit UnpackDequantizePluginCreator(OpVersion version);
-    ~UnpackDequantizePluginCreator() override = default;
 
     nvinfer1::IPluginV3* createPlugin(
         char const* name, nvinfer1::PluginFieldCollection const* fc, nvinfer1::TensorRTPhase phase) noexcept override;
-    nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override;
-    char const* getPluginName() const noexcept override;
-    char const* getPluginVersion() const noexcept override;
-    char const* getPluginNamespace() const noexcept override;
 
 private:
     OpVersion mVersion;
-    DeclaredFieldNames mFieldNames;
 };
 
 } // namespace plugin

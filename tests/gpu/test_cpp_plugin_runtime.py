@@ -1,6 +1,7 @@
-"""The C++ plugin's runtime path on a GPU without TensorRT: plugins/tests/unpackDequantizePluginTest.cpp creates
-plugins through the creators with PluginFields and compares enqueue on cudaMalloc'd buffers with the host
-reference bit for bit (v1 INT8/INT32 words and v2 bit stream, 11 level counts x 5 shapes)."""
+"""The C++ plugins' runtime path on a GPU without TensorRT: plugins/tests/pluginRuntimeTest.cpp creates plugins
+through the creators with PluginFields and compares enqueue on cudaMalloc'd buffers with the host reference bit for
+bit: UnpackDequantize v1 INT8/INT32 words and v2 bit stream (11 level counts x 5 shapes, FLOAT and HALF output) and
+QuantizeDequantizeActivation (with and without a zero point, 1 to 20 steps, an out-of-range step index)."""
 
 from __future__ import annotations
 
@@ -22,4 +23,6 @@ def test_enqueue_matches_the_host_reference_bit_for_bit(family) -> None:
         pytest.fail(f"{program} is missing: build it with `make -C plugins tensorrt`")
     result = subprocess.run([str(program), str(library)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "enqueue cases compared bit for bit" in result.stdout and "PASSED (0 failures)" in result.stdout
+    assert "UnpackDequantize enqueue cases compared bit for bit (FLOAT and HALF output)" in result.stdout
+    assert "QuantizeDequantizeActivation enqueue cases compared bit for bit" in result.stdout
+    assert "PASSED (0 failures)" in result.stdout

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from fresh_process import build_in_fresh_process, creator_verdicts
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from lowbit_deploy.engines.tensorrt_import import tensorrt_importable
 from lowbit_deploy.quant.packing import PackingFormat
@@ -38,6 +38,20 @@ def _chain(tag: str) -> onnx.ModelProto:
     return conv_chain_model(weights, (1, 8, 8, 8))
 
 
+def _fp16_network(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The chain with float16 activations: x and y float16, each decoded weight cast to float16 before its Conv
+    (TensorRT-RTX is strongly typed, so this is how a network runs in half precision)."""
+    graph = model.graph
+    for value in (*graph.input, *graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    for conv in [n for n in graph.node if n.op_type == "Conv"]:
+        half = f"{conv.input[1]}.fp16"
+        cast = helper.make_node("Cast", [conv.input[1]], [half], name=f"{conv.name}.cast", to=TensorProto.FLOAT16)
+        graph.node.insert(list(graph.node).index(conv), cast)
+        conv.input[1] = half
+    return model
+
+
 def test_library_exports_only_get_creators_and_set_logger_finder(cpp_plugin_library) -> None:
     if shutil.which("nm") is None:
         pytest.skip("nm (binutils) is not installed")
@@ -56,9 +70,11 @@ def test_library_links_no_tensorrt_or_cuda_runtime(cpp_plugin_library) -> None:
     assert needed <= {"libstdc++.so.6", "libgcc_s.so.1", "libc.so.6", "libm.so.6", "ld-linux-x86-64.so.2"}, needed
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 @pytest.mark.parametrize("tag", sorted(CHAINS))
-def test_engines_built_with_either_plugin_are_byte_identical(cpp_plugin_library, tag, tmp_path) -> None:
-    onnx.save(_chain(tag), tmp_path / f"{tag}.onnx")
+def test_engines_built_with_either_plugin_are_byte_identical(cpp_plugin_library, tag, precision, tmp_path) -> None:
+    model = _chain(tag) if precision == "fp32" else _fp16_network(_chain(tag))
+    onnx.save(model, tmp_path / f"{tag}.onnx")
     results = {kind: build_in_fresh_process(kind, tmp_path / f"{tag}.onnx", tmp_path / f"{tag}_{kind}.engine")
                for kind in ("cpp", "python")}
     assert all(result["ok"] for result in results.values()), results
@@ -68,6 +84,31 @@ def test_engines_built_with_either_plugin_are_byte_identical(cpp_plugin_library,
     assert results["cpp"]["report"]["plugin_layers"] == results["python"]["report"]["plugin_layers"] == 3
     cpp_bytes, python_bytes = ((tmp_path / f"{tag}_{kind}.engine").read_bytes() for kind in ("cpp", "python"))
     assert cpp_bytes == python_bytes
+
+
+@pytest.mark.parametrize("version", ["1", "2"])
+def test_python_plugin_offers_float_and_half_output(version) -> None:
+    """The output may be FLOAT (the op's type, what get_output_data_types declares) or HALF, LINEAR; the inputs keep
+    their one type each. (The C++ plugin's answers are checked by plugins/tests/unpackDequantizePluginTest.cpp.)"""
+    from lowbit_deploy.engines.plugin import PLUGIN_VERSIONS, plugin_classes
+    from lowbit_deploy.engines.tensorrt_import import tensorrt_backend
+
+    trt = tensorrt_backend("tensorrt_rtx").module
+    fields = {"levels": 3, "qmin": -1, "shape": np.array([4, 5], np.int64)}
+    fields.update({"word_bits": 8, "codes_per_word": 5} if version == "1" else {"group_size": 29, "group_bits": 46})
+    plugin = plugin_classes(trt, version)[0](PLUGIN_VERSIONS[version].parse(fields))
+    assert plugin.get_output_data_types([trt.DataType.INT8, trt.DataType.HALF]) == [trt.DataType.FLOAT]
+
+    def accepts(pos: int, dtype, fmt=trt.TensorFormat.LINEAR) -> bool:
+        in_out = [trt.DynamicPluginTensorDesc() for _ in range(3)]
+        in_out[pos].desc.type, in_out[pos].desc.format = dtype, fmt
+        return plugin.supports_format_combination(pos, in_out, 2)
+
+    assert accepts(2, trt.DataType.FLOAT) and accepts(2, trt.DataType.HALF)
+    assert not accepts(2, trt.DataType.INT8) and not accepts(2, trt.DataType.BF16)
+    assert not accepts(2, trt.DataType.HALF, trt.TensorFormat.CHW2)
+    assert accepts(0, trt.DataType.INT8) and not accepts(0, trt.DataType.HALF)
+    assert accepts(1, trt.DataType.HALF) and not accepts(1, trt.DataType.FLOAT)
 
 
 def _truncate(model: onnx.ModelProto, input_index: int, keep: int) -> tuple[int, int]:
