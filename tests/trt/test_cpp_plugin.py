@@ -89,7 +89,7 @@ def test_engines_built_with_either_plugin_are_byte_identical(cpp_plugin_library,
 @pytest.mark.parametrize("version", ["1", "2"])
 def test_python_plugin_offers_float_and_half_output(version) -> None:
     """The output may be FLOAT (the op's type, what get_output_data_types declares) or HALF, LINEAR; the inputs keep
-    their one type each. (The C++ plugin's answers are checked by plugins/tests/unpackDequantizePluginTest.cpp.)"""
+    their one type each. (The C++ plugin's answers: plugins/tests/unpackDequantizePluginTest.cpp, CPU part.)"""
     from lowbit_deploy.engines.plugin import PLUGIN_VERSIONS, plugin_classes
     from lowbit_deploy.engines.tensorrt_import import tensorrt_backend
 
