@@ -10,6 +10,7 @@ only here.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -41,7 +42,8 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     fix = "write one prompt per line (UTF-8), e.g. `a photo of a cat`"
     if not path.is_file():
         raise UserError(f"prompts file {path} (recipe key conditions.prompts_file) does not exist; {fix}, or drop the "
-                        f"key to train on random conditions")
+                        f"key to train on random conditions (a run reads the file again to validate or resume: "
+                        f"restore it there)")
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
@@ -106,9 +108,10 @@ def _load_clip(root: Path, pair: _Encoder, variant: str | None):
     use_variant = variant if variant and any(f".{variant}." in path.name for path in found) else None
     model_class = CLIPTextModelWithProjection if pair.with_projection else CLIPTextModel
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(str(root / pair.tokenizer_dir), local_files_only=True)
-        encoder = model_class.from_pretrained(str(encoder_dir), local_files_only=True, use_safetensors=True,
-                                              variant=use_variant)
+        with _quiet_transformers():
+            tokenizer = CLIPTokenizer.from_pretrained(str(root / pair.tokenizer_dir), local_files_only=True)
+            encoder = model_class.from_pretrained(str(encoder_dir), local_files_only=True, use_safetensors=True,
+                                                  variant=use_variant)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         summary = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         raise UserError(f"cannot load the CLIP text encoder and tokenizer from {root}: {summary}; check "
@@ -119,6 +122,20 @@ def _load_clip(root: Path, pair: _Encoder, variant: str | None):
                         f"{encoder.config.max_position_embeddings} positions; set model_max_length in its "
                         f"tokenizer_config.json to at most that")
     return tokenizer, encoder.float().eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No loading progress bars of transformers' own on the CLI's stderr (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _read_json(path: Path) -> dict:
