@@ -222,3 +222,15 @@ def test_import_loads_no_torch():
     code = "import sys, lowbit_deploy.analyze; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+def test_cached_candidates_belong_to_the_weight_files_and_prompts(tiny_recipe_dict):
+    """Other weight files (--variant) or other prompts are another model: their cached measurements are not reused;
+    recipes without either keep the key (and the caches) they had."""
+    from lowbit_deploy.analyze.candidates import key_digest, settings_key
+
+    plain = parse_recipe(tiny_recipe_dict)
+    prompted = parse_recipe({**tiny_recipe_dict, "conditions": {"prompts_file": "/p.txt"}})
+    digests = {key_digest(settings_key(recipe, "m")) for recipe in (plain, plain.with_variant("fp16"), prompted)}
+    assert len(digests) == 3
+    assert set(settings_key(plain, "m")).isdisjoint({"variant", "prompts_file"})
