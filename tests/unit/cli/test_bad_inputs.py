@@ -104,6 +104,12 @@ def _write(path: Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _mismatched_config(unet: Path) -> None:
     config = json.loads((unet / "config.json").read_text())
     config["block_out_channels"] = [8, 24]
@@ -180,6 +186,11 @@ CASES = [
          (r"it distils .* not ", r"drop --model or pass the same folder")),
     Case("train-negative-steps", lambda t, s: _train(t, s, None, None, "--steps", "-1"),
          (r"Invalid value for '--steps'",)),
+    Case("train-device-unsupported", lambda t, s: _train(t, s, None, None, "--device", "mps"),
+         (r"--device 'mps': training runs on cpu or cuda devices", r"use cpu, cuda or cuda:N")),
+    *([Case("train-device-cuda-without-a-gpu", lambda t, s: _train(t, s, None, None, "--device", "cuda"),
+            (r"--device cuda: no CUDA device is available", r"use --device cpu"))]
+      if not _cuda_available() else []),
     Case("run-out-below-a-file",
          lambda t, s: (_write(t / "file", b"x"), ["run", str(s.recipe), "--out", str(t / "file" / "run"),
                                                   "--no-build"])[1],
