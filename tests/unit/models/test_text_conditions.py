@@ -282,10 +282,10 @@ def test_export_and_validate_use_the_recorded_prompts(clip_checkpoint, prompts_f
 # UNet (cross-attention 16, text_embeds 8).
 @pytest.fixture
 def sdxl_checkpoint(tmp_path, tiny_clip_writer) -> Path:
+    root = tmp_path / "tiny-sdxl"
+    make_tiny_sdxl_unet()(cross_attention_dim=16).save_pretrained(root / "unet")  # skips without SDXL support
     from tinymodels import TINY_SDXL_TEXT_DIM
 
-    root = tmp_path / "tiny-sdxl"
-    make_tiny_sdxl_unet()(cross_attention_dim=16).save_pretrained(root / "unet")
     tiny_clip_writer(root, hidden=8)
     tiny_clip_writer(root, hidden=8, seed=1, encoder_dir="text_encoder_2", tokenizer_dir="tokenizer_2",
                      projection_dim=TINY_SDXL_TEXT_DIM)
