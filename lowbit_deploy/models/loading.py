@@ -15,7 +15,8 @@ UNET_CONFIG = "config.json"
 SCHEDULER_CONFIG = ("scheduler", "scheduler_config.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # diffusers' weight file names: NAME[.VARIANT][-00001-of-00002].safetensors (variant before the shard suffix).
-_WEIGHT_FILE = re.compile(r"^[^.]+?(?:\.(?P<variant>[^.]+?))?(?:-\d+-of-\d+)?\.safetensors$")
+_WEIGHT_FILE = re.compile(r"^(?P<base>[^.]+?)(?:\.(?P<variant>[^.]+?))?(?:-\d+-of-\d+)?\.safetensors$")
+WEIGHTS_NAME = "diffusion_pytorch_model"  # the only weights file name diffusers loads a UNet from
 logger = logging.getLogger(__name__)
 # SD1.5's training noise, for checkpoints that ship no scheduler folder.
 SD15_DDPM_CONFIG = {
@@ -110,11 +111,16 @@ def _check_config(folder: Path) -> dict:
 def _weight_files(folder: Path, variant: str | None) -> list[Path]:
     """The safetensors files of ``variant`` (None: the files without a variant) in ``folder``, or a UserError that
     names the files there and the option that selects them."""
-    found = sorted(folder.glob("*.safetensors"))
+    every = sorted(folder.glob("*.safetensors"))
+    found = [path for path in every if (match := _WEIGHT_FILE.match(path.name)) and match.group("base") == WEIGHTS_NAME]
     chosen = [path for path in found if weight_variant(path) == variant]
     if chosen:
         return chosen
-    expected = f"diffusion_pytorch_model{f'.{variant}' if variant else ''}.safetensors"
+    expected = f"{WEIGHTS_NAME}{f'.{variant}' if variant else ''}.safetensors"
+    if every and not found:
+        raise UserError(f"{folder} has safetensors files ({', '.join(path.name for path in every)}) but none named "
+                        f"{expected}, the name diffusers loads a UNet from; rename the weights file to {expected} "
+                        f"or re-save the model with UNet2DConditionModel.save_pretrained")
     variants = sorted({name for name in map(weight_variant, found) if name is not None})
     if found:
         listed = ", ".join(path.name for path in found)

@@ -285,3 +285,14 @@ def test_cli_variant_option(fp16_checkpoint, tiny_recipe_dict, tmp_path):
     assert checkpoint_recipe(tmp_path / "run").model.variant == "fp16"
     bad = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "bad"), "--variant", "fp 16"])
     assert bad.exit_code == 2 and "model.variant" in bad.output
+
+
+@pytest.mark.parametrize("name", ["unet.safetensors", "model.fp16.safetensors"])
+def test_weights_under_another_name_are_named(foreign_checkpoint, name):
+    """diffusers loads only diffusion_pytorch_model[.VARIANT].safetensors; another name is refused naming this folder
+    (diffusers' own message names the checkpoint root) and the file."""
+    unet_dir = foreign_checkpoint / "unet"
+    (unet_dir / "diffusion_pytorch_model.safetensors").rename(unet_dir / name)
+    with pytest.raises(UserError, match=rf"{unet_dir.resolve()} has safetensors files \({name}\) but none named "
+                                        r"diffusion_pytorch_model.safetensors.*rename the weights file"):
+        load_model(foreign_checkpoint)
