@@ -21,12 +21,12 @@ SIGNATURES: dict[str, list[Any]] = {
     "lowbit_unpack_dequantize_launch_fp16": _WORDS + [_P],
     "lowbit_unpack_dequantize_host": _WORDS,
     "lowbit_unpack_dequantize_host_fp16": _WORDS,
-    "lowbit_unpack_dequantize_host_grid": _WORDS[:4] + [_I] + _WORDS[4:] + [_I64],
+    "lowbit_unpack_dequantize_host_grid": _WORDS[:4] + [_I] + _WORDS[4:] + [_I64, _I],
     "lowbit_unpack_dequantize_bitstream_launch": _STREAM + [_P],
     "lowbit_unpack_dequantize_bitstream_launch_fp16": _STREAM + [_P],
     "lowbit_unpack_dequantize_bitstream_host": _STREAM,
     "lowbit_unpack_dequantize_bitstream_host_fp16": _STREAM,
-    "lowbit_unpack_dequantize_bitstream_host_grid": _STREAM[:4] + [_I] + _STREAM[4:] + [_I64],
+    "lowbit_unpack_dequantize_bitstream_host_grid": _STREAM[:4] + [_I] + _STREAM[4:] + [_I64, _I],
     "lowbit_bitstream_group": [_I, ctypes.POINTER(_I), ctypes.POINTER(_I)],
     "lowbit_quantize_dequantize_activation_launch": _ACTIVATION + [_P],
     "lowbit_quantize_dequantize_activation_host": _ACTIVATION,
@@ -98,10 +98,11 @@ class KernelLibrary:
 
     def unpack_dequantize_host_grid(self, packed_ptr: int, word_bits: int, scale_ptr: int, out_ptr: int,
                                     out_fp16: bool, numel: int, channels: int, levels: int, qmin: int,
-                                    codes_per_word: int, max_blocks: int) -> None:
-        """The host path over a grid of at most ``max_blocks`` blocks (tests: multi-iteration thread loops)."""
+                                    codes_per_word: int, max_blocks: int, wide_index: bool = False) -> None:
+        """The host path over a grid of at most ``max_blocks`` blocks, with 64-bit loop arithmetic if ``wide_index``
+        (tests: multi-iteration thread loops, both index widths)."""
         self._call("lowbit_unpack_dequantize_host_grid", packed_ptr, word_bits, scale_ptr, out_ptr, int(out_fp16),
-                   numel, channels, levels, qmin, codes_per_word, max_blocks)
+                   numel, channels, levels, qmin, codes_per_word, max_blocks, int(wide_index))
 
     def unpack_dequantize_launch(self, packed_ptr: int, word_bits: int, scale_ptr: int, out_ptr: int, numel: int,
                                  channels: int, levels: int, qmin: int, codes_per_word: int, stream: int,
@@ -124,9 +125,10 @@ class KernelLibrary:
 
     def unpack_dequantize_bitstream_host_grid(self, packed_ptr: int, num_bytes: int, scale_ptr: int, out_ptr: int,
                                               out_fp16: bool, numel: int, channels: int, levels: int, qmin: int,
-                                              group_size: int, group_bits: int, max_blocks: int) -> None:
+                                              group_size: int, group_bits: int, max_blocks: int,
+                                              wide_index: bool = False) -> None:
         self._call("lowbit_unpack_dequantize_bitstream_host_grid", packed_ptr, num_bytes, scale_ptr, out_ptr,
-                   int(out_fp16), numel, channels, levels, qmin, group_size, group_bits, max_blocks)
+                   int(out_fp16), numel, channels, levels, qmin, group_size, group_bits, max_blocks, int(wide_index))
 
     def unpack_dequantize_bitstream_launch(self, packed_ptr: int, num_bytes: int, scale_ptr: int, out_ptr: int,
                                            numel: int, channels: int, levels: int, qmin: int, group_size: int,

@@ -111,6 +111,8 @@ def _check_arguments(packed_dtype: np.dtype, scale_dtype: np.dtype, levels: int,
 
 
 _OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+# kDECODE_MAX_BLOCKS of plugins/unpack_dequantize/unpackDequantizeDecode.h: the grid cap of the default launch.
+DECODE_MAX_BLOCKS = 4096
 
 
 def _out_fp16(out_dtype: Any) -> bool:
@@ -158,22 +160,24 @@ def _cuda_inputs(packed: Any, scale_fp16: Any) -> tuple[Any, Any, np.dtype, np.d
 
 def unpack_dequantize_host(packed: np.ndarray, scale_fp16: np.ndarray, levels: int, qmin: int, word_bits: int,
                            codes_per_word: int, shape: Sequence[int], out_dtype: Any = np.float32,
-                           max_blocks: int | None = None) -> np.ndarray:
+                           max_blocks: int | None = None, wide_index: bool = False) -> np.ndarray:
     """Dense weight of ``shape`` decoded by the C++ host path (the same per-thread function as the CUDA kernel, over
     the same grid): float32, or float16 rounded to nearest even from the float32 value. ``max_blocks`` caps the grid
-    (tests: several loop iterations per thread on a small weight)."""
+    and ``wide_index`` forces the 64-bit loop arithmetic of weights near 2^31 elements (tests: several loop
+    iterations per thread, both index widths, on a small weight)."""
     packed = np.ascontiguousarray(packed).reshape(-1)
     scale_fp16 = np.ascontiguousarray(scale_fp16).reshape(-1)
     numel = _check_arguments(packed.dtype, scale_fp16.dtype, levels, word_bits, codes_per_word, shape, packed.size,
                              scale_fp16.size)
     out, fp16 = _host_output(shape, out_dtype, max_blocks)
     library = load_kernel_library()
-    if max_blocks is None:
+    if max_blocks is None and not wide_index:
         library.unpack_dequantize_host(packed.ctypes.data, word_bits, scale_fp16.ctypes.data, out.ctypes.data, numel,
                                        int(shape[0]), levels, qmin, codes_per_word, out_fp16=fp16)
     else:
         library.unpack_dequantize_host_grid(packed.ctypes.data, word_bits, scale_fp16.ctypes.data, out.ctypes.data,
-                                            fp16, numel, int(shape[0]), levels, qmin, codes_per_word, max_blocks)
+                                            fp16, numel, int(shape[0]), levels, qmin, codes_per_word,
+                                            max_blocks or DECODE_MAX_BLOCKS, wide_index)
     return out
 
 
@@ -218,23 +222,26 @@ def _check_bitstream_arguments(packed_dtype: np.dtype, scale_dtype: np.dtype, le
 
 def unpack_dequantize_bitstream_host(packed: np.ndarray, scale_fp16: np.ndarray, levels: int, qmin: int,
                                      group_size: int, group_bits: int, shape: Sequence[int],
-                                     out_dtype: Any = np.float32, max_blocks: int | None = None) -> np.ndarray:
+                                     out_dtype: Any = np.float32, max_blocks: int | None = None,
+                                     wide_index: bool = False) -> np.ndarray:
     """Op v2: dense weight of ``shape`` decoded from the bit stream by the C++ host path (the same per-thread
-    function as the CUDA kernel); float32 or float16, ``max_blocks`` as in :func:`unpack_dequantize_host`."""
+    function as the CUDA kernel); float32 or float16, ``max_blocks`` and ``wide_index`` as in
+    :func:`unpack_dequantize_host`."""
     packed = np.ascontiguousarray(packed).reshape(-1)
     scale_fp16 = np.ascontiguousarray(scale_fp16).reshape(-1)
     numel = _check_bitstream_arguments(packed.dtype, scale_fp16.dtype, levels, group_size, group_bits, shape,
                                        packed.size, scale_fp16.size)
     out, fp16 = _host_output(shape, out_dtype, max_blocks)
     library = load_kernel_library()
-    if max_blocks is None:
+    if max_blocks is None and not wide_index:
         library.unpack_dequantize_bitstream_host(packed.ctypes.data, packed.size, scale_fp16.ctypes.data,
                                                  out.ctypes.data, numel, int(shape[0]), levels, qmin, group_size,
                                                  group_bits, out_fp16=fp16)
     else:
         library.unpack_dequantize_bitstream_host_grid(packed.ctypes.data, packed.size, scale_fp16.ctypes.data,
                                                       out.ctypes.data, fp16, numel, int(shape[0]), levels, qmin,
-                                                      group_size, group_bits, max_blocks)
+                                                      group_size, group_bits, max_blocks or DECODE_MAX_BLOCKS,
+                                                      wide_index)
     return out
 
 

@@ -10,12 +10,12 @@ namespace
 {
 // Thread t of a block decodes digit t % g of group t / g: neighbouring threads store neighbouring outputs
 // (coalesced) and read the same few stream words (served by L1).
-template <typename Out>
+template <typename Index, typename Out>
 __global__ void __launch_bounds__(kDECODE_THREADS) unpackDequantizeBitstreamKernel(BitstreamDecodePlan const plan,
     uint8_t const* __restrict__ packed, uint16_t const* __restrict__ scaleFp16, Out* __restrict__ out)
 {
-    unpackBitstreamThread(plan, packed, scaleFp16, out, static_cast<int64_t>(blockIdx.x),
-        static_cast<int32_t>(threadIdx.x));
+    unpackBitstreamThread<Index>(
+        plan, packed, scaleFp16, out, static_cast<int64_t>(blockIdx.x), static_cast<int32_t>(threadIdx.x));
 }
 
 int validateBitstream(int64_t numBytes, int64_t numel, int64_t channels, int levels, int groupSize, int groupBits)
@@ -49,35 +49,43 @@ cudaError_t launchUnpackDequantizeBitstream(uint8_t const* packed, int64_t numBy
 {
     BitstreamDecodePlan const plan
         = makeBitstreamPlan(numBytes, numel, channels, levels, qmin, groupSize, groupBits, kDECODE_MAX_BLOCKS);
-    unpackDequantizeBitstreamKernel<Out><<<static_cast<unsigned>(plan.grid.blocks),
-        static_cast<unsigned>(plan.grid.blockThreads), 0, stream>>>(plan, packed, scaleFp16, out);
+    dim3 const blocks(static_cast<unsigned>(plan.grid.blocks));
+    dim3 const threads(static_cast<unsigned>(plan.grid.blockThreads));
+    withIndexType(plan.grid, false, [&](auto index) {
+        unpackDequantizeBitstreamKernel<decltype(index), Out><<<blocks, threads, 0, stream>>>(
+            plan, packed, scaleFp16, out);
+        return 0;
+    });
     return cudaGetLastError();
 }
 
 template <typename Out>
 void unpackDequantizeBitstreamHost(uint8_t const* packed, int64_t numBytes, uint16_t const* scaleFp16, Out* out,
     int64_t numel, int64_t channels, int32_t levels, int32_t qmin, int32_t groupSize, int32_t groupBits,
-    int64_t maxBlocks)
+    int64_t maxBlocks, bool wideIndex)
 {
     BitstreamDecodePlan const plan
         = makeBitstreamPlan(numBytes, numel, channels, levels, qmin, groupSize, groupBits, maxBlocks);
-    for (int64_t block = 0; block < plan.grid.blocks; ++block)
-    {
-        for (int32_t thread = 0; thread < plan.grid.blockThreads; ++thread)
+    withIndexType(plan.grid, wideIndex, [&](auto index) {
+        for (int64_t block = 0; block < plan.grid.blocks; ++block)
         {
-            unpackBitstreamThread(plan, packed, scaleFp16, out, block, thread);
+            for (int32_t thread = 0; thread < plan.grid.blockThreads; ++thread)
+            {
+                unpackBitstreamThread<decltype(index)>(plan, packed, scaleFp16, out, block, thread);
+            }
         }
-    }
+        return 0;
+    });
 }
 
 template cudaError_t launchUnpackDequantizeBitstream<float>(uint8_t const*, int64_t, uint16_t const*, float*, int64_t,
     int64_t, int32_t, int32_t, int32_t, int32_t, cudaStream_t);
 template cudaError_t launchUnpackDequantizeBitstream<uint16_t>(uint8_t const*, int64_t, uint16_t const*, uint16_t*,
     int64_t, int64_t, int32_t, int32_t, int32_t, int32_t, cudaStream_t);
-template void unpackDequantizeBitstreamHost<float>(
-    uint8_t const*, int64_t, uint16_t const*, float*, int64_t, int64_t, int32_t, int32_t, int32_t, int32_t, int64_t);
+template void unpackDequantizeBitstreamHost<float>(uint8_t const*, int64_t, uint16_t const*, float*, int64_t,
+    int64_t, int32_t, int32_t, int32_t, int32_t, int64_t, bool);
 template void unpackDequantizeBitstreamHost<uint16_t>(uint8_t const*, int64_t, uint16_t const*, uint16_t*, int64_t,
-    int64_t, int32_t, int32_t, int32_t, int32_t, int64_t);
+    int64_t, int32_t, int32_t, int32_t, int32_t, int64_t, bool);
 
 namespace
 {
@@ -85,7 +93,7 @@ namespace
 template <typename Out>
 int dispatchBitstream(void const* packed, int64_t numBytes, uint16_t const* scaleFp16, Out* out, int64_t numel,
     int64_t channels, int levels, int qmin, int groupSize, int groupBits, bool onDevice, cudaStream_t stream,
-    int64_t maxBlocks)
+    int64_t maxBlocks, bool wideIndex = false)
 {
     int const status = validateBitstream(numBytes, numel, channels, levels, groupSize, groupBits);
     if (status != 0)
@@ -107,7 +115,7 @@ int dispatchBitstream(void const* packed, int64_t numBytes, uint16_t const* scal
             stream8, numBytes, scaleFp16, out, numel, channels, levels, qmin, groupSize, groupBits, stream));
     }
     unpackDequantizeBitstreamHost(
-        stream8, numBytes, scaleFp16, out, numel, channels, levels, qmin, groupSize, groupBits, maxBlocks);
+        stream8, numBytes, scaleFp16, out, numel, channels, levels, qmin, groupSize, groupBits, maxBlocks, wideIndex);
     return 0;
 }
 } // namespace
@@ -148,13 +156,13 @@ int lowbit_unpack_dequantize_bitstream_host_fp16(void const* packed, int64_t num
 
 int lowbit_unpack_dequantize_bitstream_host_grid(void const* packed, int64_t num_bytes, uint16_t const* scale_fp16,
     void* out, int out_fp16, int64_t numel, int64_t channels, int levels, int qmin, int group_size, int group_bits,
-    int64_t max_blocks)
+    int64_t max_blocks, int wide_index)
 {
     return out_fp16 != 0
         ? lowbit::dispatchBitstream(packed, num_bytes, scale_fp16, static_cast<uint16_t*>(out), numel, channels,
-            levels, qmin, group_size, group_bits, false, nullptr, max_blocks)
+            levels, qmin, group_size, group_bits, false, nullptr, max_blocks, wide_index != 0)
         : lowbit::dispatchBitstream(packed, num_bytes, scale_fp16, static_cast<float*>(out), numel, channels, levels,
-            qmin, group_size, group_bits, false, nullptr, max_blocks);
+            qmin, group_size, group_bits, false, nullptr, max_blocks, wide_index != 0);
 }
 
 int lowbit_bitstream_group(int levels, int* group_size, int* group_bits)

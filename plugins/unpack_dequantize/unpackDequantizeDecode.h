@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #ifdef __CUDACC__
 #include <cuda_fp16.h>
@@ -175,6 +176,7 @@ struct DecodeGrid
     int64_t blocks;
     int64_t strideChannels;
     int64_t strideWithin;
+    bool narrowIndex; //!< numel + stride <= INT32_MAX: every loop quantity fits int32_t
 };
 
 inline DecodeGrid makeDecodeGrid(int64_t numel, int64_t channels, int32_t unit, int64_t maxBlocks)
@@ -189,6 +191,7 @@ inline DecodeGrid makeDecodeGrid(int64_t numel, int64_t channels, int32_t unit, 
     int64_t const stride = grid.blocks * grid.blockThreads;
     grid.strideChannels = stride / grid.perChannel;
     grid.strideWithin = stride - grid.strideChannels * grid.perChannel;
+    grid.narrowIndex = numel + stride <= INT32_MAX;
     return grid;
 }
 
@@ -311,88 +314,117 @@ LOWBIT_HOST_DEVICE inline uint64_t readBitstreamGroup(
     return (window >> offset) & mask;
 }
 
-//! Per-thread start of the grid-stride loop: this thread's first element and its channel / offset in the channel.
-struct ThreadStart
+//! A thread's grid-stride loop: its current element, that element's word/group, channel and offset in the channel,
+//! and the strides, in Index arithmetic (int32_t where DecodeGrid::narrowIndex allows, else int64_t). The digit is
+//! fixed for the whole loop; the channel follows by adding the stride (strideWithin < perChannel: at most one
+//! carry), instead of dividing each element index by the channel length.
+template <typename Index>
+struct ThreadLoop
 {
-    int64_t unitIndex; //!< word or group of the first element
+    LOWBIT_HOST_DEVICE ThreadLoop(DecodeGrid const& grid, int64_t block, int32_t thread)
+    {
+        int32_t const unitInBlock = thread / grid.unit;
+        digit = thread - unitInBlock * grid.unit;
+        unitIndex = static_cast<Index>(block * (grid.blockThreads / grid.unit) + unitInBlock);
+        index = static_cast<Index>(block * grid.blockThreads + thread); // == unitIndex * unit + digit
+        numel = static_cast<Index>(grid.numel);
+        perChannel = static_cast<Index>(grid.perChannel);
+        channel = index / perChannel;
+        within = index - channel * perChannel;
+        strideElements = static_cast<Index>(grid.blocks * grid.blockThreads);
+        strideUnits = static_cast<Index>(grid.blocks * (grid.blockThreads / grid.unit));
+        strideChannels = static_cast<Index>(grid.strideChannels);
+        strideWithin = static_cast<Index>(grid.strideWithin);
+    }
+
+    LOWBIT_HOST_DEVICE bool active() const
+    {
+        return index < numel;
+    }
+
+    LOWBIT_HOST_DEVICE void next()
+    {
+        index += strideElements;
+        unitIndex += strideUnits;
+        channel += strideChannels;
+        within += strideWithin;
+        if (within >= perChannel)
+        {
+            within -= perChannel;
+            ++channel;
+        }
+    }
+
     int32_t digit;
-    int64_t index;
-    int64_t channel;
-    int64_t within;
+    Index unitIndex;
+    Index index;
+    Index channel;
+    Index within;
+    Index numel;
+    Index perChannel;
+    Index strideElements;
+    Index strideUnits;
+    Index strideChannels;
+    Index strideWithin;
 };
 
-LOWBIT_HOST_DEVICE inline ThreadStart threadStart(DecodeGrid const& grid, int64_t block, int32_t thread)
+//! A float16 scale as float32 (exact). The device uses the hardware conversion, one instruction instead of
+//! halfBitsToFloat's branches: the same value for every non-NaN scale (a NaN scale gives NaN outputs either way).
+LOWBIT_HOST_DEVICE inline float scaleToFloat(uint16_t bits)
 {
-    ThreadStart start{};
-    int32_t const unitInBlock = thread / grid.unit;
-    start.digit = thread - unitInBlock * grid.unit;
-    start.unitIndex = block * (grid.blockThreads / grid.unit) + unitInBlock;
-    start.index = block * grid.blockThreads + thread; // == unitIndex * unit + digit
-    start.channel = start.index / grid.perChannel;
-    start.within = start.index - start.channel * grid.perChannel;
-    return start;
-}
-
-//! Moves a thread's channel and offset in the channel one grid stride on (strideWithin < perChannel: at most one
-//! carry), instead of dividing the element index by the channel length.
-LOWBIT_HOST_DEVICE inline void advanceChannel(DecodeGrid const& grid, ThreadStart& start)
-{
-    start.channel += grid.strideChannels;
-    start.within += grid.strideWithin;
-    if (start.within >= grid.perChannel)
-    {
-        start.within -= grid.perChannel;
-        ++start.channel;
-    }
+#ifdef __CUDA_ARCH__
+    return __half2float(__ushort_as_half(bits));
+#else
+    return halfBitsToFloat(bits);
+#endif
 }
 
 //! One thread of the v1 decode (Word: uint8_t or uint32_t, read as unsigned; Out: float or uint16_t half bits).
-template <typename Word, typename Out>
+template <typename Index, typename Word, typename Out>
 LOWBIT_HOST_DEVICE inline void unpackWordsThread(WordDecodePlan const& plan, Word const* packed,
     uint16_t const* scaleFp16, Out* out, int64_t block, int32_t thread)
 {
-    DecodeGrid const& grid = plan.grid;
-    ThreadStart start = threadStart(grid, block, thread);
-    int64_t const strideUnits = grid.blocks * (grid.blockThreads / grid.unit);
-    int64_t const strideElements = grid.blocks * grid.blockThreads;
-    uint64_t const magic = plan.remainderMagic[start.digit];
-    int32_t const shift = start.digit * plan.levelBits;
-    for (; start.index < grid.numel; start.index += strideElements, start.unitIndex += strideUnits)
+    ThreadLoop<Index> loop(plan.grid, block, thread);
+    uint64_t const magic = plan.remainderMagic[loop.digit];
+    int32_t const shift = loop.digit * plan.levelBits;
+    for (; loop.active(); loop.next())
     {
-        uint32_t const word = static_cast<uint32_t>(packed[start.unitIndex]);
+        uint32_t const word = static_cast<uint32_t>(packed[loop.unitIndex]);
         uint32_t const code
             = plan.levelBits != 0 ? (word >> shift) & (plan.levels - 1u) : wordDigit(word, magic, plan.levels);
         // A single float32 multiply of exactly representable operands: bit-identical to the torch reference.
         float const value
-            = static_cast<float>(static_cast<int32_t>(code) + plan.qmin) * halfBitsToFloat(scaleFp16[start.channel]);
-        storeOutput(out + start.index, value);
-        advanceChannel(grid, start);
+            = static_cast<float>(static_cast<int32_t>(code) + plan.qmin) * scaleToFloat(scaleFp16[loop.channel]);
+        storeOutput(out + loop.index, value);
     }
 }
 
 //! One thread of the v2 decode (Out: float or uint16_t half bits).
-template <typename Out>
-LOWBIT_HOST_DEVICE inline void unpackBitstreamThread(
-    BitstreamDecodePlan const& plan, uint8_t const* packed, uint16_t const* scaleFp16, Out* out, int64_t block,
-    int32_t thread)
+template <typename Index, typename Out>
+LOWBIT_HOST_DEVICE inline void unpackBitstreamThread(BitstreamDecodePlan const& plan, uint8_t const* packed,
+    uint16_t const* scaleFp16, Out* out, int64_t block, int32_t thread)
 {
-    DecodeGrid const& grid = plan.grid;
-    ThreadStart start = threadStart(grid, block, thread);
-    int64_t const strideUnits = grid.blocks * (grid.blockThreads / grid.unit);
-    int64_t const strideElements = grid.blocks * grid.blockThreads;
-    uint64_t const magicLow = plan.remainderMagicLow[start.digit];
-    uint64_t const magicHigh = plan.remainderMagicHigh[start.digit];
-    for (; start.index < grid.numel; start.index += strideElements, start.unitIndex += strideUnits)
+    ThreadLoop<Index> loop(plan.grid, block, thread);
+    uint64_t const magicLow = plan.remainderMagicLow[loop.digit];
+    uint64_t const magicHigh = plan.remainderMagicHigh[loop.digit];
+    for (; loop.active(); loop.next())
     {
-        uint64_t const value = readBitstreamGroup(packed, plan.numBytes, start.unitIndex, plan.groupBits);
+        uint64_t const group = readBitstreamGroup(packed, plan.numBytes, loop.unitIndex, plan.groupBits);
         // Powers of two use one code per group (g = 1), so the digit is the group value itself.
-        uint32_t const code = plan.levelBits != 0 ? static_cast<uint32_t>(value) & (plan.levels - 1u)
-                                                  : groupDigit(value, magicLow, magicHigh, plan.levels);
-        float const value32
-            = static_cast<float>(static_cast<int32_t>(code) + plan.qmin) * halfBitsToFloat(scaleFp16[start.channel]);
-        storeOutput(out + start.index, value32);
-        advanceChannel(grid, start);
+        uint32_t const code = plan.levelBits != 0 ? static_cast<uint32_t>(group) & (plan.levels - 1u)
+                                                  : groupDigit(group, magicLow, magicHigh, plan.levels);
+        float const value
+            = static_cast<float>(static_cast<int32_t>(code) + plan.qmin) * scaleToFloat(scaleFp16[loop.channel]);
+        storeOutput(out + loop.index, value);
     }
+}
+
+//! Runs `body(Index{})` with Index = int32_t when the grid allows 32-bit loop arithmetic and `wide` is false, else
+//! int64_t: kernels and host paths pick their instantiation the same way.
+template <typename Body>
+inline auto withIndexType(DecodeGrid const& grid, bool wide, Body&& body)
+{
+    return grid.narrowIndex && !wide ? body(int32_t{}) : body(int64_t{});
 }
 
 } // namespace lowbit

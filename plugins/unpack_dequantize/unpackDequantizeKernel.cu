@@ -10,11 +10,12 @@ namespace
 {
 // Thread t of a block decodes digit t % k of word t / k (see unpackDequantizeDecode.h): neighbouring threads store
 // neighbouring outputs (coalesced), and the k threads of a word read it once from L1.
-template <typename Word, typename Out>
+template <typename Index, typename Word, typename Out>
 __global__ void __launch_bounds__(kDECODE_THREADS) unpackDequantizeKernel(WordDecodePlan const plan,
     Word const* __restrict__ packed, uint16_t const* __restrict__ scaleFp16, Out* __restrict__ out)
 {
-    unpackWordsThread(plan, packed, scaleFp16, out, static_cast<int64_t>(blockIdx.x), static_cast<int32_t>(threadIdx.x));
+    unpackWordsThread<Index>(
+        plan, packed, scaleFp16, out, static_cast<int64_t>(blockIdx.x), static_cast<int32_t>(threadIdx.x));
 }
 
 int validate(int wordBits, int64_t numel, int64_t channels, int levels, int codesPerWord)
@@ -41,7 +42,8 @@ int validate(int wordBits, int64_t numel, int64_t channels, int levels, int code
 //! Validates, then runs the device launch (stream given) or the host path, for either word width.
 template <typename Out>
 int dispatch(void const* packed, int wordBits, uint16_t const* scaleFp16, Out* out, int64_t numel, int64_t channels,
-    int levels, int qmin, int codesPerWord, bool onDevice, cudaStream_t stream, int64_t maxBlocks)
+    int levels, int qmin, int codesPerWord, bool onDevice, cudaStream_t stream, int64_t maxBlocks,
+    bool wideIndex = false)
 {
     int const status = validate(wordBits, numel, channels, levels, codesPerWord);
     if (status != 0)
@@ -69,12 +71,12 @@ int dispatch(void const* packed, int wordBits, uint16_t const* scaleFp16, Out* o
     if (bytes)
     {
         unpackDequantizeHost(static_cast<uint8_t const*>(packed), scaleFp16, out, numel, channels, levels, qmin,
-            codesPerWord, maxBlocks);
+            codesPerWord, maxBlocks, wideIndex);
     }
     else
     {
         unpackDequantizeHost(static_cast<uint32_t const*>(packed), scaleFp16, out, numel, channels, levels, qmin,
-            codesPerWord, maxBlocks);
+            codesPerWord, maxBlocks, wideIndex);
     }
     return 0;
 }
@@ -85,23 +87,30 @@ cudaError_t launchUnpackDequantize(Word const* packed, uint16_t const* scaleFp16
     int64_t channels, int32_t levels, int32_t qmin, int32_t codesPerWord, cudaStream_t stream)
 {
     WordDecodePlan const plan = makeWordPlan(numel, channels, levels, qmin, codesPerWord, kDECODE_MAX_BLOCKS);
-    unpackDequantizeKernel<Word, Out><<<static_cast<unsigned>(plan.grid.blocks),
-        static_cast<unsigned>(plan.grid.blockThreads), 0, stream>>>(plan, packed, scaleFp16, out);
+    dim3 const blocks(static_cast<unsigned>(plan.grid.blocks));
+    dim3 const threads(static_cast<unsigned>(plan.grid.blockThreads));
+    withIndexType(plan.grid, false, [&](auto index) {
+        unpackDequantizeKernel<decltype(index), Word, Out><<<blocks, threads, 0, stream>>>(plan, packed, scaleFp16, out);
+        return 0;
+    });
     return cudaGetLastError();
 }
 
 template <typename Word, typename Out>
 void unpackDequantizeHost(Word const* packed, uint16_t const* scaleFp16, Out* out, int64_t numel, int64_t channels,
-    int32_t levels, int32_t qmin, int32_t codesPerWord, int64_t maxBlocks)
+    int32_t levels, int32_t qmin, int32_t codesPerWord, int64_t maxBlocks, bool wideIndex)
 {
     WordDecodePlan const plan = makeWordPlan(numel, channels, levels, qmin, codesPerWord, maxBlocks);
-    for (int64_t block = 0; block < plan.grid.blocks; ++block)
-    {
-        for (int32_t thread = 0; thread < plan.grid.blockThreads; ++thread)
+    withIndexType(plan.grid, wideIndex, [&](auto index) {
+        for (int64_t block = 0; block < plan.grid.blocks; ++block)
         {
-            unpackWordsThread(plan, packed, scaleFp16, out, block, thread);
+            for (int32_t thread = 0; thread < plan.grid.blockThreads; ++thread)
+            {
+                unpackWordsThread<decltype(index)>(plan, packed, scaleFp16, out, block, thread);
+            }
         }
-    }
+        return 0;
+    });
 }
 
 template cudaError_t launchUnpackDequantize<uint8_t, float>(
@@ -113,13 +122,13 @@ template cudaError_t launchUnpackDequantize<uint8_t, uint16_t>(
 template cudaError_t launchUnpackDequantize<uint32_t, uint16_t>(
     uint32_t const*, uint16_t const*, uint16_t*, int64_t, int64_t, int32_t, int32_t, int32_t, cudaStream_t);
 template void unpackDequantizeHost<uint8_t, float>(
-    uint8_t const*, uint16_t const*, float*, int64_t, int64_t, int32_t, int32_t, int32_t, int64_t);
+    uint8_t const*, uint16_t const*, float*, int64_t, int64_t, int32_t, int32_t, int32_t, int64_t, bool);
 template void unpackDequantizeHost<uint32_t, float>(
-    uint32_t const*, uint16_t const*, float*, int64_t, int64_t, int32_t, int32_t, int32_t, int64_t);
+    uint32_t const*, uint16_t const*, float*, int64_t, int64_t, int32_t, int32_t, int32_t, int64_t, bool);
 template void unpackDequantizeHost<uint8_t, uint16_t>(
-    uint8_t const*, uint16_t const*, uint16_t*, int64_t, int64_t, int32_t, int32_t, int32_t, int64_t);
+    uint8_t const*, uint16_t const*, uint16_t*, int64_t, int64_t, int32_t, int32_t, int32_t, int64_t, bool);
 template void unpackDequantizeHost<uint32_t, uint16_t>(
-    uint32_t const*, uint16_t const*, uint16_t*, int64_t, int64_t, int32_t, int32_t, int32_t, int64_t);
+    uint32_t const*, uint16_t const*, uint16_t*, int64_t, int64_t, int32_t, int32_t, int32_t, int64_t, bool);
 
 } // namespace lowbit
 
@@ -168,13 +177,14 @@ int lowbit_unpack_dequantize_host_fp16(void const* packed, int word_bits, uint16
 }
 
 int lowbit_unpack_dequantize_host_grid(void const* packed, int word_bits, uint16_t const* scale_fp16, void* out,
-    int out_fp16, int64_t numel, int64_t channels, int levels, int qmin, int codes_per_word, int64_t max_blocks)
+    int out_fp16, int64_t numel, int64_t channels, int levels, int qmin, int codes_per_word, int64_t max_blocks,
+    int wide_index)
 {
     return out_fp16 != 0
         ? lowbit::dispatch(packed, word_bits, scale_fp16, static_cast<uint16_t*>(out), numel, channels, levels, qmin,
-            codes_per_word, false, nullptr, max_blocks)
+            codes_per_word, false, nullptr, max_blocks, wide_index != 0)
         : lowbit::dispatch(packed, word_bits, scale_fp16, static_cast<float*>(out), numel, channels, levels, qmin,
-            codes_per_word, false, nullptr, max_blocks);
+            codes_per_word, false, nullptr, max_blocks, wide_index != 0);
 }
 
 char const* lowbit_error_string(int code)

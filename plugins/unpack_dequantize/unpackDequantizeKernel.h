@@ -24,10 +24,11 @@ cudaError_t launchUnpackDequantize(Word const* packed, uint16_t const* scaleFp16
     int64_t channels, int32_t levels, int32_t qmin, int32_t codesPerWord, cudaStream_t stream);
 
 //! Same semantics on host memory (reference and CPU fallback): every thread of the same grid (capped at maxBlocks
-//! blocks), one after the other.
+//! blocks), one after the other, with the kernel's loop arithmetic (64-bit where wideIndex forces it).
 template <typename Word, typename Out>
 void unpackDequantizeHost(Word const* packed, uint16_t const* scaleFp16, Out* out, int64_t numel, int64_t channels,
-    int32_t levels, int32_t qmin, int32_t codesPerWord, int64_t maxBlocks = kDECODE_MAX_BLOCKS);
+    int32_t levels, int32_t qmin, int32_t codesPerWord, int64_t maxBlocks = kDECODE_MAX_BLOCKS,
+    bool wideIndex = false);
 
 //! v2: decodes the bit stream on `stream` (Out as above). Arguments must already be valid.
 template <typename Out>
@@ -39,7 +40,7 @@ cudaError_t launchUnpackDequantizeBitstream(uint8_t const* packed, int64_t numBy
 template <typename Out>
 void unpackDequantizeBitstreamHost(uint8_t const* packed, int64_t numBytes, uint16_t const* scaleFp16, Out* out,
     int64_t numel, int64_t channels, int32_t levels, int32_t qmin, int32_t groupSize, int32_t groupBits,
-    int64_t maxBlocks = kDECODE_MAX_BLOCKS);
+    int64_t maxBlocks = kDECODE_MAX_BLOCKS, bool wideIndex = false);
 
 } // namespace lowbit
 
@@ -97,13 +98,15 @@ int lowbit_unpack_dequantize_bitstream_host_fp16(void const* packed, int64_t num
     uint16_t* out, int64_t numel, int64_t channels, int levels, int qmin, int group_size, int group_bits);
 
 //! The host paths over a grid capped at `max_blocks` blocks (>= 1) instead of the launch default, float32
-//! (`out_fp16` 0) or float16 output: lets tests run the kernels' grid-stride loops (several iterations per thread,
-//! channel tracking across strides) on small weights.
+//! (`out_fp16` 0) or float16 output, and with 64-bit loop arithmetic where `wide_index` is non-zero (the kernels use
+//! it only for weights of about 2^31 elements): lets tests run the kernels' grid-stride loops (several iterations per
+//! thread, channel tracking across strides) and both index widths on small weights.
 int lowbit_unpack_dequantize_host_grid(void const* packed, int word_bits, uint16_t const* scale_fp16, void* out,
-    int out_fp16, int64_t numel, int64_t channels, int levels, int qmin, int codes_per_word, int64_t max_blocks);
+    int out_fp16, int64_t numel, int64_t channels, int levels, int qmin, int codes_per_word, int64_t max_blocks,
+    int wide_index);
 int lowbit_unpack_dequantize_bitstream_host_grid(void const* packed, int64_t num_bytes, uint16_t const* scale_fp16,
     void* out, int out_fp16, int64_t numel, int64_t channels, int levels, int qmin, int group_size, int group_bits,
-    int64_t max_blocks);
+    int64_t max_blocks, int wide_index);
 
 //! lowbit::bitstreamGroup for bindings (lets tests check the C++ twin of packing.bitstream_group).
 int lowbit_bitstream_group(int levels, int* group_size, int* group_bits);

@@ -1,9 +1,12 @@
 """The kernels' thread layout, run on the host: the host path executes the CUDA kernels' per-thread function for
 every thread of the same grid, so capping the grid at a few blocks makes each thread loop several times (the
 grid-stride loop, channel tracking across strides, the last partial block) on small weights. Every cap gives the
-reference bit for bit; the bit stream is also read unaligned (the byte-wise reader) and aligned (32-bit loads)."""
+reference bit for bit, with the 32-bit loop arithmetic of ordinary weights and the 64-bit one of weights near 2^31
+elements; the bit stream is also read unaligned (the byte-wise reader) and aligned (32-bit loads)."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -44,14 +47,15 @@ def _cases():
                 yield pytest.param(levels, fmt, id=f"L{levels}-{fmt.value}")
 
 
+@pytest.mark.parametrize("wide_index", [False, True], ids=["int32", "int64"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize(("levels", "fmt"), list(_cases()))
-def test_every_grid_cap_decodes_every_element_once(kernel_library, levels, fmt, shape) -> None:
+def test_every_grid_cap_decodes_every_element_once(kernel_library, levels, fmt, shape, wide_index) -> None:
     packed, scale_fp16, qmin, expected = _case(levels, fmt, shape)
-    for max_blocks in (1, 2, 3, 7):
+    for max_blocks in (1, 2, 3, 7, None):
         for out_dtype in (np.float32, np.float16):
             decoded = _decode(packed, scale_fp16, levels, qmin, fmt, shape, out_dtype=out_dtype,
-                              max_blocks=max_blocks)
+                              max_blocks=max_blocks, wide_index=wide_index)
             want = expected.astype(out_dtype)
             np.testing.assert_array_equal(decoded.view(f"u{want.itemsize}"), want.view(f"u{want.itemsize}"),
                                           err_msg=f"max_blocks={max_blocks} {np.dtype(out_dtype).name}")
@@ -78,4 +82,11 @@ def test_grid_cap_must_be_positive(kernel_library) -> None:
     out = np.empty(10, np.float32)
     with pytest.raises(KernelError, match="max_blocks must be at least 1"):  # the C ABI checks on its own
         kernel_library.unpack_dequantize_host_grid(packed.ctypes.data, 8, scale_fp16.ctypes.data, out.ctypes.data,
-                                                   False, 10, 2, 3, qmin, 5, 0)
+                                                   False, 10, 2, 3, qmin, 5, 0, False)
+
+
+def test_python_grid_cap_is_the_headers() -> None:
+    from lowbit_deploy.engines.kernels import DECODE_MAX_BLOCKS, PLUGINS_DIR
+
+    header = (PLUGINS_DIR / "unpack_dequantize" / "unpackDequantizeDecode.h").read_text()
+    assert re.search(r"kDECODE_MAX_BLOCKS = (\d+);", header).group(1) == str(DECODE_MAX_BLOCKS)
