@@ -80,10 +80,12 @@ def _checkpoint(path: Path) -> dict:
     if metadata.get("format") != CHECKPOINT_FORMAT:
         return {"status": "unreadable", "detail": f"format {metadata.get('format')!r}, expected "
                                                   f"{CHECKPOINT_FORMAT!r}; re-run `lowbit-deploy train`"}
-    recipe = _json_or_none(metadata.get("recipe"))
+    recipe = _json_or_none(metadata.get("recipe")) or {}
     return {"status": "ok", "path": CHECKPOINT_PATH.as_posix(), "format": metadata["format"],
             "step": int(metadata.get("step", 0)), "model_source": metadata.get("model_source") or None,
-            "recipe": (recipe or {}).get("name"), "_plan": _json_or_none(metadata.get("plan")),
+            "variant": (recipe.get("model") or {}).get("variant"),
+            "prompts_file": (recipe.get("conditions") or {}).get("prompts_file"),
+            "recipe": recipe.get("name"), "_plan": _json_or_none(metadata.get("plan")),
             "_signature": _json_or_none(metadata.get("signature"))}
 
 
@@ -236,11 +238,17 @@ def _report(path: Path) -> dict:
     return sections
 
 
+# What the checkpoint was distilled from, where set (the embedded default has no model_source).
+_MODEL_FIELDS = (("model_source", "model"), ("variant", "variant"), ("prompts_file", "prompts"))
+
+
 def describe_run(info: dict) -> list[str]:
     """Human lines for :func:`inspect_run`'s dict (what the CLI prints without --json)."""
     lines = [f"run: {info['run_dir']}"]
     checkpoint = info["checkpoint"]
     lines.append("checkpoint: " + (f"{checkpoint['path']}, step {checkpoint['step']}, recipe {checkpoint['recipe']}"
+                                   + "".join(f", {label} {checkpoint[key]}" for key, label in _MODEL_FIELDS
+                                             if checkpoint.get(key))
                                    if checkpoint["status"] == "ok" else _absent(checkpoint)))
     lines += _describe_plan(info["plan"])
     lines += _describe_onnx(info["onnx"])

@@ -168,3 +168,16 @@ def test_constants_match_the_checkpoint_module():
 
     assert CHECKPOINT_FORMAT == checkpoint.CHECKPOINT_FORMAT
     assert CHECKPOINT_PATH.parts == (checkpoint.CHECKPOINT_DIRNAME, checkpoint.WEIGHTS_FILE)
+
+
+def test_checkpoint_names_the_model_files_and_prompts(tmp_path):
+    """A run from a variant checkpoint with text conditions says which files and prompts it was distilled from."""
+    recipe = {"name": "r", "model": {"variant": "fp16"}, "conditions": {"prompts_file": "/data/prompts.txt"}}
+    _write_checkpoint(tmp_path, {**_checkpoint_metadata(), "model_source": "/models/sd15/unet",
+                                 "recipe": json.dumps(recipe)})
+    info = inspect_run(tmp_path)
+    assert (info["checkpoint"]["variant"], info["checkpoint"]["prompts_file"]) == ("fp16", "/data/prompts.txt")
+    assert describe_run(info)[1].endswith(", recipe r, model /models/sd15/unet, variant fp16, "
+                                          "prompts /data/prompts.txt")
+    _write_checkpoint(tmp_path, _checkpoint_metadata())
+    assert describe_run(inspect_run(tmp_path))[1].endswith(", recipe r")
