@@ -74,6 +74,7 @@ def tune_layer(student, teacher, layer: str, bundle, train, steps: int, seed: in
     Returns the last loss."""
     from diffusers import DDPMScheduler
 
+    from ..models.conditioning import Conditions
     from ..qat.data import make_sampler
     from ..qat.step import sample_timesteps
 
@@ -90,13 +91,13 @@ def tune_layer(student, teacher, layer: str, bundle, train, steps: int, seed: in
     for _ in range(steps):
         batch = sampler(train.batch_size, generator)
         drop = torch.rand(train.batch_size, generator=generator) < train.condition_drop_prob
-        conditions = torch.where(drop[:, None, None], bundle.condition.null(train.batch_size),
-                                 batch.encoder_hidden_states)
+        conditions = Conditions(batch.encoder_hidden_states, batch.added).replace_rows(
+            drop, bundle.condition.null_conditions(train.batch_size)).unet_keywords()
         timesteps = sample_timesteps(train, train.batch_size, num_train_timesteps, generator, schedule)
         noisy = noise_scheduler.add_noise(batch.x0, torch.randn(batch.x0.shape, generator=generator), timesteps)
         with torch.no_grad():
-            target = teacher(noisy, timesteps, conditions).sample
-        loss = F.mse_loss(student(noisy, timesteps, conditions).sample, target)
+            target = teacher(noisy, timesteps, **conditions).sample
+        loss = F.mse_loss(student(noisy, timesteps, **conditions).sample, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -128,11 +129,11 @@ class CandidateEvaluator:
         if condition.num_classes is not None:
             # One prompt per class, cycling, so every class is judged.
             self.labels = torch.tensor([index % condition.num_classes for index in range(count)])
-            self.cond = condition.for_labels(self.labels.tolist())
+            self.cond = condition.label_conditions(self.labels.tolist(), self.section.seed)
         else:
             self.labels = None
-            self.cond, _ = condition.sample(count, torch.Generator().manual_seed(self.section.seed))
-        self.null = condition.null(count)
+            self.cond = condition.sample_conditions(count, torch.Generator().manual_seed(self.section.seed))
+        self.null = condition.null_conditions(count)
         self.signature = signature_for(self.bundle.unet, condition.seq_len)
         self.metric = metric_for(self.bundle)
         self.judged = self.metric == METRIC_CLASSIFIER

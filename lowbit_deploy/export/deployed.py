@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..quant.plan import QuantPlan
-from ..signature import DeployedSignature
+from ..signature import DeployedSignature, unet_keywords
 from .handlers import EXPORT_HANDLERS, ExportOptions, PackedLayer
 
 
@@ -44,7 +44,8 @@ def store_float_parameters(model: nn.Module, dtype: torch.dtype | None) -> int:
 
 
 class DeployedUNet(nn.Module):
-    """Positional inputs in the signature's order -> the model output (``noise_pred``)."""
+    """Positional inputs in the signature's order -> the model output (``noise_pred``). Inputs after
+    encoder_hidden_states are the signature's added conditions (SDXL text_embeds / time_ids, class_labels)."""
 
     def __init__(self, unet: nn.Module, signature: DeployedSignature, plan: QuantPlan) -> None:
         super().__init__()
@@ -52,8 +53,14 @@ class DeployedUNet(nn.Module):
         self.signature = signature
         self.plan = plan
 
-    def forward(self, sample: torch.Tensor, time: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, time, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, time: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *added: torch.Tensor) -> torch.Tensor:
+        names = [spec.name for spec in self.signature.added_conditions]
+        if len(added) != len(names):
+            raise TypeError(f"the deployed UNet takes {len(names)} added condition(s) ({', '.join(names) or 'none'}) "
+                            f"after encoder_hidden_states, got {len(added)}")
+        keywords = unet_keywords(dict(zip(names, added)))
+        return self.unet(sample, time, encoder_hidden_states, return_dict=False, **keywords)[0]
 
     def packed_layers(self) -> dict[str, PackedLayer]:
         return {name: module for name, module in self.unet.named_modules() if isinstance(module, PackedLayer)}

@@ -12,6 +12,11 @@ The deployed graph then takes an int64 step index and gathers rows instead of ru
 The tables are the model's fp32 outputs rounded to fp16 (the stored type); the deployed model uses exactly those
 values, widened to fp32, in torch and in every runtime. Against the uncached model the difference is that rounding
 (relative 2^-11 at most per value), reported by export.
+
+UNets with added conditions (SDXL's text_embeds / time_ids, class labels) add their embeddings to the time
+embedding's output before any ResBlock sees it: only ``time_embedding.*`` can be cached there (the gathered row is
+then summed with the input-dependent embeddings, which stay in the graph); caching a ``*.time_emb_proj`` would drop
+the conditions and is refused (:func:`check_cacheable`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torch import nn
 from ..errors import UserError
 from ..quant.activation import StepContext, StepTracking
 from ..quant.plan import TIME_EMBEDDING_PREFIX, LayerRole, QuantPlan
-from ..signature import DeployedSignature, TimeInput
+from ..signature import BATCH_AXIS, DeployedSignature, TimeInput, conditions_reach_time_embedding, unet_keywords
 
 EMBEDDING_TABLE = "time_embedding"
 
@@ -79,6 +84,13 @@ def deployed_step_context(unet: nn.Module, signature: DeployedSignature) -> Step
     return context
 
 
+def _widened(table: torch.Tensor) -> torch.Tensor:
+    """The stored table in the type the model computes in: fp16 -> float32 (the deployed graph's Cast); a float64
+    twin (validate/floor.py) keeps float64, so the embedding meets float64 layers (SDXL's added embedding, uncached
+    time projections) in their type."""
+    return table.to(torch.promote_types(table.dtype, torch.float32))
+
+
 class CachedTimeEmbedding(nn.Module):
     def __init__(self, table: torch.Tensor | None, context: StepContext, num_steps: int,
                  width: int) -> None:
@@ -94,7 +106,7 @@ class CachedTimeEmbedding(nn.Module):
         _check_range(index, self.num_steps, "time features are cached for")
         self.context.index = index
         rows = index if self.has_table else torch.zeros_like(index)
-        return self.table.float().index_select(0, rows)
+        return _widened(self.table).index_select(0, rows)
 
 
 class CachedTimeProjection(nn.Module):
@@ -107,7 +119,18 @@ class CachedTimeProjection(nn.Module):
         del time_features  # the row is looked up by step index; the embedding it would be computed from is unused
         if self.context.index is None:
             raise RuntimeError("CachedTimeProjection ran before the time embedding published the step index")
-        return self.table.float().index_select(0, self.context.index)
+        return _widened(self.table).index_select(0, self.context.index)
+
+
+def check_cacheable(config, plan: QuantPlan) -> None:
+    """Refuse a plan that caches ResBlock time projections of a UNet whose conditions reach them."""
+    projections = [layer.name for layer in plan.by_role(LayerRole.CACHED)
+                   if not layer.name.startswith(TIME_EMBEDDING_PREFIX)]
+    if projections and conditions_reach_time_embedding(config):
+        raise UserError(f"this UNet adds its class / SDXL embeddings to the time embedding, so its ResBlock time "
+                        f"projections depend on those inputs, not only on the timestep, and cannot be cached "
+                        f"({len(projections)} cached, e.g. {projections[0]}); cache only `time_embedding.*` and keep "
+                        f"`*.time_emb_proj` float or quantized in the recipe's quantize.layers")
 
 
 def _capture_outputs(unet: nn.Module, names: list[str], signature: DeployedSignature) -> dict[str, torch.Tensor]:
@@ -124,10 +147,13 @@ def _capture_outputs(unet: nn.Module, names: list[str], signature: DeployedSigna
     # Time features depend on the timestep alone: run the smallest latent the UNet accepts (one pixel after every
     # downsampling) and one token, so an SD-sized UNet computes its tables in seconds instead of an hour.
     side = 2 ** (len(unet.config.block_out_channels) - 1)
+    # Added conditions only change what is summed after the time embedding (check_cacheable): zeros do.
+    added = {spec.name: torch.zeros(spec.concrete_shape({BATCH_AXIS: steps}), dtype=getattr(torch, spec.dtype))
+             for spec in signature.added_conditions}
     try:
         with torch.no_grad():
             unet(torch.zeros(steps, signature.sample_shape[0], side, side), timesteps,
-                 encoder_hidden_states=torch.zeros(steps, 1, signature.cross_attention_dim))
+                 encoder_hidden_states=torch.zeros(steps, 1, signature.cross_attention_dim), **unet_keywords(added))
     finally:
         for hook in hooks:
             hook.remove()
@@ -138,6 +164,7 @@ def compute_time_tables(unet: nn.Module, plan: QuantPlan, signature: DeployedSig
                         dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """Tables ``[T, features]`` in the stored ``dtype``: one per cached time projection, plus the embedding's when
     still consumed."""
+    check_cacheable(unet.config, plan)
     cached = [layer.name for layer in plan.by_role(LayerRole.CACHED)
               if not layer.name.startswith(TIME_EMBEDDING_PREFIX)]
     width = plan.cached_table_rows() - sum(plan.decision(name).out_features for name in cached)

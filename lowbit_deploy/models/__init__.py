@@ -46,6 +46,13 @@ class ModelBundle:
     # details, and a "warning" where they are not real (random states, or a prompts file that is not used).
     condition_report: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # The condition source also draws the UNet's added conditions (SDXL, class labels); unsupported ones are
+        # refused here, as soon as the model is loaded.
+        from ..signature import added_conditions_for
+
+        self.condition.use_added_conditions(added_conditions_for(self.unet.config), sample_shape(self.unet))
+
 
 def sample_shape(unet: "UNet2DConditionModel") -> tuple[int, int, int]:
     """``(channels, height, width)`` of one sample (a latent for SD, an image for the default) the UNet denoises."""

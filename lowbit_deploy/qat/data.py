@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -21,6 +21,7 @@ from ..recipes import DataSource
 class Batch:
     x0: torch.Tensor
     encoder_hidden_states: torch.Tensor
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # added conditions (SDXL, class labels) by name
 
 
 class BatchSampler(Protocol):
@@ -37,7 +38,8 @@ def digits_sampler(bundle) -> BatchSampler:
 
     def sample(batch_size: int, generator: torch.Generator) -> Batch:
         index = torch.randint(0, images.shape[0], (batch_size,), generator=generator)
-        return Batch(images[index], bundle.condition.for_labels(labels[index].tolist()))
+        return Batch(images[index], bundle.condition.for_labels(labels[index].tolist()),
+                     bundle.condition.draw_added(batch_size, generator))
 
     return sample
 
@@ -47,8 +49,8 @@ def gaussian_sampler(bundle) -> BatchSampler:
 
     def sample(batch_size: int, generator: torch.Generator) -> Batch:
         x0 = torch.randn((batch_size, *shape), generator=generator)
-        conditions, _ = bundle.condition.sample(batch_size, generator)
-        return Batch(x0, conditions)
+        conditions = bundle.condition.sample_conditions(batch_size, generator)
+        return Batch(x0, conditions.encoder_hidden_states, conditions.added)
 
     return sample
 

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Protocol
 
@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..recipes import StageKind
+from ..signature import unet_keywords
 from .stages import StageSpec
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"mse": F.mse_loss, "l1": F.l1_loss}
@@ -36,6 +37,11 @@ class NoisedBatch:
     timesteps: torch.Tensor
     conditions: torch.Tensor    # with the dropped rows replaced by the null condition
     dropped: torch.Tensor       # bool [batch]
+    added: dict[str, torch.Tensor] = field(default_factory=dict)  # added conditions by name, dropped rows null
+
+    def unet_keywords(self) -> dict:
+        """The added conditions as keywords of diffusers' UNet call (none for SD1.x/2.x-style UNets)."""
+        return unet_keywords(self.added)
 
 
 @dataclass
@@ -98,10 +104,10 @@ class DistillObjective:
         self._features = ((BlockOutputs(student), BlockOutputs(teacher)) if stage.feature_weight > 0 else None)
 
     def __call__(self, inputs: NoisedBatch) -> LossTerms:
-        model_inputs = (inputs.noisy, inputs.timesteps, inputs.conditions)
+        model_inputs, keywords = (inputs.noisy, inputs.timesteps, inputs.conditions), inputs.unet_keywords()
         with torch.no_grad():
-            target = self.teacher(*model_inputs).sample
-        prediction = self.loss_fn(self.student(*model_inputs).sample, target)
+            target = self.teacher(*model_inputs, **keywords).sample
+        prediction = self.loss_fn(self.student(*model_inputs, **keywords).sample, target)
         if self._features is None:
             return LossTerms(prediction, prediction)
         student_blocks, teacher_blocks = (outputs.take() for outputs in self._features)
@@ -136,7 +142,7 @@ class NoiseObjective:
         self.loss_fn = LOSSES[stage.loss]
 
     def __call__(self, inputs: NoisedBatch) -> LossTerms:
-        prediction = self.student(inputs.noisy, inputs.timesteps, inputs.conditions).sample
+        prediction = self.student(inputs.noisy, inputs.timesteps, inputs.conditions, **inputs.unet_keywords()).sample
         loss = self.loss_fn(prediction, self.target(self.scheduler, inputs))
         return LossTerms(loss, loss)
 

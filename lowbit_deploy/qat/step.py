@@ -2,7 +2,8 @@
 backward, optimizer step.
 
 Draw order (part of the reproducibility contract -- a resumed run replays it exactly): the batch (the data sampler
-draws samples and conditions), the condition-drop mask, the timesteps, the noise.
+draws samples and conditions), the condition-drop mask, the timesteps, the noise. A dropped row gets the null
+encoder_hidden_states and the null added conditions (SDXL / class labels) together.
 """
 
 from __future__ import annotations
@@ -48,15 +49,23 @@ def drop_conditions(conditions: torch.Tensor, null_conditions: torch.Tensor, pro
     return torch.where(dropped[:, None, None], null_conditions, conditions), dropped
 
 
+def drop_added(added: dict[str, torch.Tensor], null_added: dict[str, torch.Tensor],
+               dropped: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The added conditions with the rows of ``dropped`` replaced by their null values."""
+    return {name: torch.where(dropped.reshape(-1, *([1] * (value.dim() - 1))), null_added[name], value)
+            for name, value in added.items()}
+
+
 def noised_batch(batch: Batch, stage, condition_source, noise_scheduler, generator: torch.Generator,
                  schedule: Sequence[int] = ()) -> NoisedBatch:
     size = batch.x0.shape[0]
     conditions, dropped = drop_conditions(batch.encoder_hidden_states, condition_source.null(size),
                                           stage.condition_drop_prob, generator)
+    added = drop_added(batch.added, condition_source.null_added(size), dropped) if batch.added else {}
     timesteps = sample_timesteps(stage, size, noise_scheduler.config.num_train_timesteps, generator, schedule)
     noise = torch.randn(batch.x0.shape, generator=generator)
     noisy = noise_scheduler.add_noise(batch.x0, noise, timesteps)
-    return NoisedBatch(batch.x0, noise, noisy, timesteps, conditions, dropped)
+    return NoisedBatch(batch.x0, noise, noisy, timesteps, conditions, dropped, added)
 
 
 def train_step(run: "TrainingRun", batch: Batch) -> StepLosses:

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..models.conditioning import Conditions
 from ..signature import signature_for
-from ..validate.sampling import make_scheduler, sample
+from ..validate.sampling import make_scheduler, sample, unet_runner
 from .objectives import LOSSES, LossTerms
 
 if TYPE_CHECKING:
@@ -36,8 +37,8 @@ class TeacherTrajectory:
     latents: list[torch.Tensor]   # x_t the step starts from, per step
     outputs: list[torch.Tensor]   # the teacher's CFG-combined output, per step
     timesteps: list[int]
-    conditions: torch.Tensor
-    null: torch.Tensor
+    conditions: Conditions
+    null: Conditions
 
 
 @torch.no_grad()
@@ -45,9 +46,9 @@ def teacher_trajectory(teacher: torch.nn.Module, bundle, scheduler_config: dict,
                        guidance_scale: float, seed: int) -> TeacherTrajectory:
     """The teacher's sampling trajectory for ``batch`` seeded prompts: every step's input latents and output."""
     generator = torch.Generator().manual_seed(seed)
-    conditions, _ = bundle.condition.sample(batch, generator)
-    null = bundle.condition.null(batch)
-    signature = signature_for(teacher, conditions.shape[1])
+    conditions = bundle.condition.sample_conditions(batch, generator)
+    null = bundle.condition.null_conditions(batch)
+    signature = signature_for(teacher, conditions.encoder_hidden_states.shape[1])
     recorded = TeacherTrajectory([], [], [], conditions, null)
 
     def record(step_index: int, timestep: int, latents: torch.Tensor, output: torch.Tensor) -> None:
@@ -55,24 +56,21 @@ def teacher_trajectory(teacher: torch.nn.Module, bundle, scheduler_config: dict,
         recorded.outputs.append(output.clone())
         recorded.timesteps.append(timestep)
 
-    def run_teacher(feeds):
-        return teacher(feeds["sample"], feeds["timestep"], encoder_hidden_states=feeds["encoder_hidden_states"]).sample
-
-    sample(run_teacher, signature, conditions, null, scheduler_config=scheduler_config, num_steps=num_steps,
+    sample(unet_runner(teacher), signature, conditions, null, scheduler_config=scheduler_config, num_steps=num_steps,
            guidance_scale=guidance_scale, seed=seed, observer=record)
     return recorded
 
 
-def guided_output(model: torch.nn.Module, latents: torch.Tensor, timestep: int, conditions: torch.Tensor,
-                  null: torch.Tensor, guidance_scale: float, scheduler) -> torch.Tensor:
+def guided_output(model: torch.nn.Module, latents: torch.Tensor, timestep: int, conditions: Conditions,
+                  null: Conditions, guidance_scale: float, scheduler) -> torch.Tensor:
     """``model``'s CFG-combined output at ``latents`` (conditional and unconditional halves in one batch)."""
     use_cfg = guidance_scale != 1.0
     model_input = torch.cat([latents, latents]) if use_cfg else latents
     model_input = scheduler.scale_model_input(model_input, timestep)
-    states = torch.cat([conditions, null.to(conditions.dtype)]) if use_cfg else conditions
+    states = conditions.cat(null) if use_cfg else conditions
     # float32 timesteps, as the sampler feeds a timestep-input model (validate/sampling.py)
     times = torch.full((model_input.shape[0],), float(timestep), dtype=torch.float32)
-    output = model(model_input, times, encoder_hidden_states=states).sample
+    output = model(model_input, times, **states.unet_keywords()).sample
     if not use_cfg:
         return output
     output_cond, output_null = output.chunk(2)

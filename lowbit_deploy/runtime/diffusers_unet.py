@@ -6,9 +6,11 @@
 values; a model with cached time features (BitsFusion) takes a step index, so each timestep is looked up in the
 schedule the features were cached for -- exactly, since a timestep between two cached rows has no features.
 
-Arguments of the diffusers call that would change the math (LoRA scales, ControlNet residuals, added conditions,
-attention masks) are refused: the deployed graph has no input for them, and ignoring them would silently produce
-other images than the caller asked for.
+Added conditions the deployed graph takes (its signature's ``added_conditions``: SDXL ``text_embeds`` / ``time_ids``
+from ``added_cond_kwargs``, ``class_labels``) are fed by name; they are required when the graph has them. Other
+arguments that would change the math (LoRA scales, ControlNet residuals, IP-Adapter embeddings, attention masks)
+are refused: the deployed graph has no input for them, and ignoring them would silently produce other images than
+the caller asked for.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..signature import DeployedSignature, TimeInput
+from ..signature import UNET_ARGUMENT, DeployedSignature, TimeInput
 from .runners import Runner, open_runner
 
 # diffusers arguments the deployed graph has no input for, and what they carry (for the error message).
@@ -89,10 +91,6 @@ class DeployedUNet2D:
             raise UserError(f"DeployedUNet2D takes a path to model.onnx / model.engine or a runner, not "
                             f"{type(source).__name__}")
         self.signature: DeployedSignature = self.runner.signature
-        if self.signature.added_conditions:
-            names = ", ".join(spec.name for spec in self.signature.added_conditions)
-            raise UserError(f"this model takes added conditions ({names}), which the diffusers drop-in does not map "
-                            f"from added_cond_kwargs yet; drive it with a runner and the signature's feeds")
         self.config = _unet_config(self.signature)
 
     # ---- what diffusers reads from a UNet ----------------------------------------------------------------------
@@ -134,6 +132,7 @@ class DeployedUNet2D:
                   "mid_block_additional_residual": mid_block_additional_residual,
                   "down_intrablock_additional_residuals": down_intrablock_additional_residuals,
                   "encoder_attention_mask": encoder_attention_mask}
+        added = self._added_conditions(passed)
         given = [name for name, value in passed.items() if not _is_unset(value)]
         if given:
             details = "; ".join(f"{name} ({REFUSED_ARGUMENTS[name]})" for name in given)
@@ -147,7 +146,7 @@ class DeployedUNet2D:
                             f"config.sample_size)")
         batch = sample.shape[0]
         time = time_input_for(self.signature, timestep, batch)
-        feeds = self.signature.feeds(sample.detach().cpu(), time, encoder_hidden_states.detach().cpu())
+        feeds = self.signature.feeds(sample.detach().cpu(), time, encoder_hidden_states.detach().cpu(), **added)
         output = self.runner(feeds).to(device=sample.device, dtype=sample.dtype)
         if not return_dict:
             return (output,)
@@ -157,18 +156,39 @@ class DeployedUNet2D:
 
     forward = __call__
 
+    def _added_conditions(self, passed: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Take the graph's added conditions out of ``passed`` (by diffusers' keyword), leaving only what the graph
+        has no input for; a missing one is an error (the graph cannot run without it)."""
+        added = {}
+        for spec in self.signature.added_conditions:
+            group = UNET_ARGUMENT[spec.name]
+            if group is None:  # a keyword of its own (class_labels)
+                value, passed[spec.name] = passed.get(spec.name), None
+                where = spec.name
+            else:  # an entry of a dict keyword (added_cond_kwargs)
+                entries = dict(passed.get(group) or {})
+                value, passed[group] = entries.pop(spec.name, None), entries
+                where = f"{group}[{spec.name!r}]"
+            if value is None:
+                raise UserError(f"this model takes {spec.name} ({spec.meaning}); pass it as {where}")
+            added[spec.name] = torch.as_tensor(value).detach().cpu()
+        return added
+
 
 def _unet_config(signature: DeployedSignature):
     """The UNet config keys schedulers and pipelines read, derived from the signature (attribute access, frozen)."""
     from diffusers.configuration_utils import FrozenDict
 
     channels, height, width = signature.sample_shape
+    names = {spec.name for spec in signature.added_conditions}
     return FrozenDict(
         _class_name="DeployedUNet2D", in_channels=channels, out_channels=channels,
         sample_size=height if height == width else (height, width),
         cross_attention_dim=signature.cross_attention_dim,
-        # The deployed graph takes none of these; pipelines branch on them being None.
-        time_cond_proj_dim=None, addition_embed_type=None, class_embed_type=None, encoder_hid_dim_type=None,
+        # Pipelines branch on these; the deployed graph takes only the added conditions its signature names.
+        time_cond_proj_dim=None, class_embed_type=None, encoder_hid_dim_type=None,
+        addition_embed_type="text_time" if "time_ids" in names else None,
+        num_class_embeds=next((spec.high for spec in signature.added_conditions if spec.high is not None), None),
         time_input=signature.time_input.value, step_timesteps=list(signature.step_timesteps),
         schedule=signature.schedule,
     )

@@ -15,19 +15,12 @@ import torch
 from ..errors import UserError
 
 if TYPE_CHECKING:
+    from ..models.conditioning import Conditions
     from ..signature import DeployedSignature
 
 Runner = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 # Called at every step with (step index, timestep, latents the step starts from, the guided model output).
 StepObserver = Callable[[int, int, torch.Tensor, torch.Tensor], None]
-
-
-def _batched(states: torch.Tensor, batch: int) -> torch.Tensor:
-    if states.shape[0] == batch:
-        return states
-    if states.shape[0] == 1:
-        return states.expand(batch, *states.shape[1:])
-    raise ValueError(f"null conditions have batch {states.shape[0]}; expected 1 or {batch}")
 
 
 def make_scheduler(scheduler_config: dict, num_steps: int):
@@ -47,10 +40,14 @@ def schedule_timesteps(scheduler_config: dict, num_steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def sample(runner: Runner, signature: "DeployedSignature", cond: torch.Tensor, null: torch.Tensor | None, *,
-           scheduler_config: dict, num_steps: int, guidance_scale: float, seed: int,
-           observer: StepObserver | None = None) -> torch.Tensor:
-    """Run DDIM (eta 0) for ``cond.shape[0]`` samples; returns ``[B, C, H, W]`` float32 clamped to [-1, 1].
+def sample(runner: Runner, signature: "DeployedSignature", cond: "Conditions | torch.Tensor",
+           null: "Conditions | torch.Tensor | None", *, scheduler_config: dict, num_steps: int, guidance_scale: float,
+           seed: int, observer: StepObserver | None = None) -> torch.Tensor:
+    """Run DDIM (eta 0) for ``cond``'s batch of samples; returns ``[B, C, H, W]`` float32 clamped to [-1, 1].
+
+    ``cond`` and ``null`` are :class:`~lowbit_deploy.models.conditioning.Conditions` (encoder_hidden_states and the
+    added conditions the signature names) or bare encoder_hidden_states for models without added conditions;
+    ``null`` may have batch 1.
 
     ``runner(feeds)`` returns the model output the scheduler's ``prediction_type`` names; ``feeds`` are built by
     ``signature`` (a step index for models with cached time features, else the timestep value). With ``null`` given
@@ -65,17 +62,20 @@ def sample(runner: Runner, signature: "DeployedSignature", cond: torch.Tensor, n
                         f"{list(signature.step_timesteps)[:4]}...: cached time features or per-step activation "
                         f"scales); sampling with {num_steps} steps gives other timesteps. Sample with "
                         f"{signature.num_steps} steps, or re-train with another schedule")
-    batch = cond.shape[0]
+    from ..models.conditioning import as_conditions
+
+    cond = as_conditions(cond)
+    batch = cond.batch
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn((batch, *signature.sample_shape), generator=generator, dtype=torch.float32)
     latents = latents * scheduler.init_noise_sigma
     use_cfg = null is not None and guidance_scale != 1.0
-    states = torch.cat([cond, _batched(null, batch).to(cond.dtype)]) if use_cfg else cond
+    states = cond.cat(as_conditions(null).expand(batch)) if use_cfg else cond
     for step_index, timestep in enumerate(scheduler.timesteps):
         model_input = torch.cat([latents, latents]) if use_cfg else latents
         model_input = scheduler.scale_model_input(model_input, timestep)
         time = signature.time_feed(timestep, step_index, model_input.shape[0])
-        output = runner(signature.feeds(model_input, time, states)).float()
+        output = runner(signature.feeds(model_input, time, states.encoder_hidden_states, **states.added)).float()
         if use_cfg:
             output_cond, output_null = output.chunk(2)
             output = output_null + guidance_scale * (output_cond - output_null)
@@ -86,10 +86,14 @@ def sample(runner: Runner, signature: "DeployedSignature", cond: torch.Tensor, n
 
 
 def unet_runner(unet: torch.nn.Module) -> Runner:
-    """Adapt a diffusers UNet (timestep input, ``.sample`` output) to the runner interface."""
+    """Adapt a diffusers UNet (timestep input, ``.sample`` output) to the runner interface; feeds beyond sample,
+    timestep and encoder_hidden_states that name added conditions are passed as diffusers names them."""
+    from ..signature import UNET_ARGUMENT, unet_keywords
 
     def run(feeds: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return unet(feeds["sample"], feeds["timestep"], encoder_hidden_states=feeds["encoder_hidden_states"]).sample
+        added = {name: value for name, value in feeds.items() if name in UNET_ARGUMENT}
+        return unet(feeds["sample"], feeds["timestep"], encoder_hidden_states=feeds["encoder_hidden_states"],
+                    **unet_keywords(added)).sample
 
     return run
 

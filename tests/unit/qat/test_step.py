@@ -88,3 +88,28 @@ def test_a_step_drops_the_same_conditions_for_teacher_and_student():
     assert torch.equal(seen[~dropped], conditions[~dropped])
     assert losses.total == losses.prediction and losses.feature is None
     assert student.gain.item() != 1.0  # the optimizer stepped
+
+
+def test_dropped_rows_get_the_null_added_conditions_too_and_teacher_and_student_see_them():
+    """An SDXL / class-conditional batch: a dropped row's text_embeds / class label become the null ones with its
+    states; the draws of a plain model are unchanged (nothing extra is drawn)."""
+    from tinymodels import make_tiny_class_unet
+
+    from lowbit_deploy.models.conditioning import RandomConditionSource
+    from lowbit_deploy.qat.step import noised_batch
+    from lowbit_deploy.signature import added_conditions_for
+
+    unet = make_tiny_class_unet(num_classes=5)
+    source = RandomConditionSource(dim=16, seq_len=4)
+    source.use_added_conditions(added_conditions_for(unet.config), (1, 8, 8))
+    generator = torch.Generator().manual_seed(0)
+    conditions = source.sample_conditions(64, generator)
+    batch = Batch(torch.randn(64, 1, 8, 8), conditions.encoder_hidden_states, conditions.added)
+    inputs = noised_batch(batch, _stage(drop=0.5), source, DDPMScheduler(), torch.Generator().manual_seed(1))
+    labels, dropped = inputs.added["class_labels"], inputs.dropped
+    assert 10 < int(dropped.sum()) < 54
+    assert (labels[dropped] == 4).all() and torch.equal(labels[~dropped], conditions.added["class_labels"][~dropped])
+    assert inputs.unet_keywords() == {"class_labels": labels}
+    plain = noised_batch(Batch(batch.x0, batch.encoder_hidden_states), _stage(drop=0.5), source, DDPMScheduler(),
+                         torch.Generator().manual_seed(1))
+    assert torch.equal(plain.dropped, dropped) and torch.equal(plain.noisy, inputs.noisy) and plain.added == {}
