@@ -38,6 +38,9 @@ FIELD_NAMES = ("qmin", "qmax")
 # qmax - qmin + 1 <= 65536 (kMAX_ACTIVATION_GRID_LEVELS in plugins/common/lowbitFormat.h).
 MAX_GRID_LEVELS = 65536
 INPUT_NAMES = ("x", "scale", "step_index", "zero_point")
+# Output types offered to TensorRT: FLOAT (declared by get_output_data_types) and HALF (the float32 value rounded to
+# nearest even), for builds that choose precisions; strongly typed networks (TensorRT-RTX) keep FLOAT.
+OUTPUT_TYPE_NAMES = ("FLOAT", "HALF")
 MIN_INPUTS, MAX_INPUTS = 3, 4
 _X, _SCALE, _STEP_INDEX, _ZERO_POINT = range(4)
 
@@ -161,13 +164,16 @@ def activation_plugin_classes(trt: ModuleType) -> tuple[type, type]:
             return [output]
 
         def supports_format_combination(self, pos: int, in_out: Any, num_inputs: int) -> bool:
+            # Output: float32 (declared), or float16 for builds that choose precisions (inputs keep their one type).
             desc = in_out[pos].desc
-            wanted = input_type_name(pos) if pos < num_inputs else "FLOAT"
-            return desc.format == trt.TensorFormat.LINEAR and desc.type == getattr(trt.DataType, wanted)
+            wanted = (input_type_name(pos),) if pos < num_inputs else OUTPUT_TYPE_NAMES
+            return desc.format == trt.TensorFormat.LINEAR and desc.type.name in wanted
 
         def configure_plugin(self, inputs: Any, outputs: Any) -> None:
             check_activation_inputs([tuple(i.desc.dims) for i in inputs], len(outputs))
             check_activation_input_types([i.desc.type.name for i in inputs])
+            if outputs[0].desc.type.name not in OUTPUT_TYPE_NAMES:
+                raise UserError(f"{OP_NAME}: the output must be FLOAT or HALF, got {outputs[0].desc.type}")
 
         def on_shape_change(self, inputs: Any, outputs: Any) -> None:
             check_activation_inputs([tuple(i.dims) for i in inputs], len(outputs))
@@ -180,7 +186,7 @@ def activation_plugin_classes(trt: ModuleType) -> tuple[type, type]:
             library.quantize_dequantize_activation_launch(
                 int(inputs[_X]), int(inputs[_SCALE]), int(inputs[_STEP_INDEX]), zero_point, int(outputs[0]),
                 x_dims[0], math.prod(x_dims[1:]), tuple(input_desc[_SCALE].dims)[0], self.fields.qmin,
-                self.fields.qmax, int(stream))
+                self.fields.qmax, int(stream), out_fp16=output_desc[0].type.name == "HALF")
 
     creator = creator_class(trt, OP_NAME, PLUGIN_VERSION, FIELD_NAMES,
                             lambda fields: QuantizeDequantizeActivationPlugin(parse_activation_fields(fields)))

@@ -29,7 +29,9 @@ SIGNATURES: dict[str, list[Any]] = {
     "lowbit_unpack_dequantize_bitstream_host_grid": _STREAM[:4] + [_I] + _STREAM[4:] + [_I64, _I],
     "lowbit_bitstream_group": [_I, ctypes.POINTER(_I), ctypes.POINTER(_I)],
     "lowbit_quantize_dequantize_activation_launch": _ACTIVATION + [_P],
+    "lowbit_quantize_dequantize_activation_launch_fp16": _ACTIVATION + [_P],
     "lowbit_quantize_dequantize_activation_host": _ACTIVATION,
+    "lowbit_quantize_dequantize_activation_host_fp16": _ACTIVATION,
 }
 
 
@@ -139,14 +141,15 @@ class KernelLibrary:
 
     def quantize_dequantize_activation_host(self, x_ptr: int, scale_ptr: int, step_index_ptr: int,
                                             zero_point_ptr: int | None, out_ptr: int, batch: int, per_sample: int,
-                                            steps: int, qmin: int, qmax: int) -> None:
+                                            steps: int, qmin: int, qmax: int, out_fp16: bool = False) -> None:
         """lowbit::QuantizeDequantizeActivation on host pointers (``zero_point_ptr`` None: symmetric grid)."""
-        self._call("lowbit_quantize_dequantize_activation_host", x_ptr, scale_ptr, step_index_ptr, zero_point_ptr,
-                   out_ptr, batch, per_sample, steps, qmin, qmax)
+        self._call(f"lowbit_quantize_dequantize_activation_host{_suffix(out_fp16)}", x_ptr, scale_ptr, step_index_ptr,
+                   zero_point_ptr, out_ptr, batch, per_sample, steps, qmin, qmax)
 
     def quantize_dequantize_activation_launch(self, x_ptr: int, scale_ptr: int, step_index_ptr: int,
                                               zero_point_ptr: int | None, out_ptr: int, batch: int, per_sample: int,
-                                              steps: int, qmin: int, qmax: int, stream: int) -> None:
+                                              steps: int, qmin: int, qmax: int, stream: int,
+                                              out_fp16: bool = False) -> None:
         """Same on device pointers and a cudaStream_t handle (ints); asynchronous on ``stream``."""
-        self._call("lowbit_quantize_dequantize_activation_launch", x_ptr, scale_ptr, step_index_ptr, zero_point_ptr,
-                   out_ptr, batch, per_sample, steps, qmin, qmax, stream)
+        self._call(f"lowbit_quantize_dequantize_activation_launch{_suffix(out_fp16)}", x_ptr, scale_ptr,
+                   step_index_ptr, zero_point_ptr, out_ptr, batch, per_sample, steps, qmin, qmax, stream)

@@ -283,26 +283,30 @@ def _check_activation_arguments(x_shape: Sequence[int], dtypes: Sequence[Any], s
 
 
 def quantize_dequantize_activation_host(x: np.ndarray, scale: np.ndarray, step_index: np.ndarray, qmin: int,
-                                        qmax: int, zero_point: np.ndarray | None = None) -> np.ndarray:
-    """lowbit::QuantizeDequantizeActivation by the C++ host path (same per-element function as the CUDA kernel).
-    Arrays must already have the op's dtypes (float32, int64); an out-of-range step index gives NaN for that
-    sample, as the kernel (the numpy reference raises instead)."""
+                                        qmax: int, zero_point: np.ndarray | None = None,
+                                        out_dtype: Any = np.float32) -> np.ndarray:
+    """lowbit::QuantizeDequantizeActivation by the C++ host path (same per-element function as the CUDA kernel):
+    float32, or float16 rounded to nearest even from the float32 value. Arrays must already have the op's dtypes
+    (float32, int64); an out-of-range step index gives NaN for that sample, as the kernel (the numpy reference
+    raises instead)."""
     # np.require keeps a 0-d x 0-d (ascontiguousarray would make it 1-d), so it is refused for its rank.
     arrays = [np.require(a, requirements="C") for a in (x, scale, step_index)]
     zero = None if zero_point is None else np.require(zero_point, requirements="C")
     x, scale, step_index = arrays
     _check_activation_arguments(x.shape, [a.dtype for a in arrays] + [np.float32 if zero is None else zero.dtype],
                                 step_index.size, scale.size, None if zero is None else zero.size, qmin, qmax)
-    out = np.empty_like(x)
+    fp16 = _out_fp16(out_dtype)
+    out = np.empty(x.shape, np.float16 if fp16 else np.float32)
     load_kernel_library().quantize_dequantize_activation_host(
         x.ctypes.data, scale.ctypes.data, step_index.ctypes.data, None if zero is None else zero.ctypes.data,
-        out.ctypes.data, x.shape[0], x.size // x.shape[0] if x.shape[0] else 0, scale.size, qmin, qmax)
+        out.ctypes.data, x.shape[0], x.size // x.shape[0] if x.shape[0] else 0, scale.size, qmin, qmax, out_fp16=fp16)
     return out
 
 
 def quantize_dequantize_activation_cuda(x: Any, scale: Any, step_index: Any, qmin: int, qmax: int,
-                                        zero_point: Any | None = None) -> Any:
-    """Same on torch CUDA tensors, launched on torch's current stream; returns a float32 CUDA tensor."""
+                                        zero_point: Any | None = None, out_dtype: Any = "float32") -> Any:
+    """Same on torch CUDA tensors, launched on torch's current stream; returns a float32 (or float16) CUDA
+    tensor."""
     import torch  # lazy: torch is only needed for this convenience wrapper
 
     tensors = [t.contiguous() for t in (x, scale, step_index)]
@@ -314,9 +318,11 @@ def quantize_dequantize_activation_cuda(x: Any, scale: Any, step_index: Any, qmi
                                 None if zero is None else zero.numel(), qmin, qmax)
     if not all(t.is_cuda for t in tensors + ([] if zero is None else [zero])):
         raise ValueError("x, scale, step_index and zero_point must be CUDA tensors")
-    out = torch.empty_like(x)
+    fp16 = _out_fp16(out_dtype)
+    out = torch.empty_like(x, dtype=torch.float16 if fp16 else torch.float32)
     stream = torch.cuda.current_stream(x.device).cuda_stream
     load_kernel_library().quantize_dequantize_activation_launch(
         x.data_ptr(), scale.data_ptr(), step_index.data_ptr(), None if zero is None else zero.data_ptr(),
-        out.data_ptr(), x.shape[0], x.numel() // x.shape[0] if x.shape[0] else 0, scale.numel(), qmin, qmax, stream)
+        out.data_ptr(), x.shape[0], x.numel() // x.shape[0] if x.shape[0] else 0, scale.numel(), qmin, qmax, stream,
+        out_fp16=fp16)
     return out

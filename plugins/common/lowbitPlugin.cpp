@@ -9,6 +9,15 @@ namespace lowbit
 namespace plugin
 {
 
+void checkOutputType(nvinfer1::DataType type, char const* where)
+{
+    if (!isFloatOrHalf(type))
+    {
+        throw FieldError(std::string(where) + ": the output must be FLOAT or HALF, got DataType "
+            + std::to_string(static_cast<int32_t>(type)));
+    }
+}
+
 nvinfer1::IPluginCapability* LowbitPlugin::getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept
 {
     return guard<nvinfer1::IPluginCapability*>("getCapabilityInterface", nullptr,

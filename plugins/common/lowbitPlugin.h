@@ -24,6 +24,16 @@ namespace lowbit
 namespace plugin
 {
 
+//! The output types the lowbit plugins offer: FLOAT (the ops' declared type) and HALF (the float32 value rounded to
+//! nearest even), for builds that choose precisions.
+inline bool isFloatOrHalf(nvinfer1::DataType type) noexcept
+{
+    return type == nvinfer1::DataType::kFLOAT || type == nvinfer1::DataType::kHALF;
+}
+
+//! Throws FieldError unless `type` (of output 0, in `where`) is FLOAT or HALF.
+void checkOutputType(nvinfer1::DataType type, char const* where);
+
 class LowbitPlugin : public nvinfer1::IPluginV3,
                      public nvinfer1::IPluginV3OneCore,
                      public nvinfer1::IPluginV3OneBuild,

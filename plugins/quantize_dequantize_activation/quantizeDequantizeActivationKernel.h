@@ -7,6 +7,7 @@
 #ifndef LOWBIT_QUANTIZE_DEQUANTIZE_ACTIVATION_KERNEL_H
 #define LOWBIT_QUANTIZE_DEQUANTIZE_ACTIVATION_KERNEL_H
 
+#include "../common/halfPrecision.h"
 #include "../common/lowbitErrors.h"
 #include "../common/lowbitFormat.h"
 
@@ -96,13 +97,16 @@ LOWBIT_QDQ_HOST_DEVICE inline float quantizeDequantizeElement(float const* x, fl
 }
 
 //! Launches the op on `stream`, one thread per output element (grid-stride). `zeroPoint` may be null.
+//! Out: float (float32 output) or uint16_t (float16 bits, the float32 value rounded to nearest even).
+template <typename Out>
 cudaError_t launchQuantizeDequantizeActivation(float const* x, float const* scale, int64_t const* stepIndex,
-    float const* zeroPoint, float* out, int64_t batch, int64_t perSample, int64_t steps, int32_t qmin, int32_t qmax,
+    float const* zeroPoint, Out* out, int64_t batch, int64_t perSample, int64_t steps, int32_t qmin, int32_t qmax,
     cudaStream_t stream);
 
 //! Same semantics on host memory (reference and CPU fallback).
+template <typename Out>
 void quantizeDequantizeActivationHost(float const* x, float const* scale, int64_t const* stepIndex,
-    float const* zeroPoint, float* out, int64_t batch, int64_t perSample, int64_t steps, int32_t qmin, int32_t qmax);
+    float const* zeroPoint, Out* out, int64_t batch, int64_t perSample, int64_t steps, int32_t qmin, int32_t qmax);
 
 } // namespace lowbit
 
@@ -118,6 +122,13 @@ int lowbit_quantize_dequantize_activation_launch(float const* x, float const* sc
 //! Host pointers; synchronous.
 int lowbit_quantize_dequantize_activation_host(float const* x, float const* scale, int64_t const* step_index,
     float const* zero_point, float* out, int64_t batch, int64_t per_sample, int64_t steps, int qmin, int qmax);
+
+//! float16 output (IEEE binary16 bits): each value is the float32 output rounded to nearest, ties to even.
+int lowbit_quantize_dequantize_activation_launch_fp16(float const* x, float const* scale, int64_t const* step_index,
+    float const* zero_point, uint16_t* out, int64_t batch, int64_t per_sample, int64_t steps, int qmin, int qmax,
+    cudaStream_t stream);
+int lowbit_quantize_dequantize_activation_host_fp16(float const* x, float const* scale, int64_t const* step_index,
+    float const* zero_point, uint16_t* out, int64_t batch, int64_t per_sample, int64_t steps, int qmin, int qmax);
 }
 
 #endif // LOWBIT_QUANTIZE_DEQUANTIZE_ACTIVATION_KERNEL_H

@@ -34,7 +34,7 @@ QuantizeDequantizeActivationPlugin::QuantizeDequantizeActivationPlugin(QuantizeD
 }
 
 int32_t QuantizeDequantizeActivationPlugin::configurePlugin(nvinfer1::DynamicPluginTensorDesc const* in,
-    int32_t nbInputs, nvinfer1::DynamicPluginTensorDesc const* /* out */, int32_t nbOutputs) noexcept
+    int32_t nbInputs, nvinfer1::DynamicPluginTensorDesc const* out, int32_t nbOutputs) noexcept
 {
     return guard<int32_t>("configurePlugin", -1, [&]() -> int32_t {
         if (in == nullptr && nbInputs > 0)
@@ -50,6 +50,10 @@ int32_t QuantizeDequantizeActivationPlugin::configurePlugin(nvinfer1::DynamicPlu
         }
         checkActivationInputs(dims, nbInputs, nbOutputs);
         checkActivationInputTypes(types, nbInputs);
+        if (out != nullptr)
+        {
+            checkOutputType(out[0].desc.type, "configurePlugin");
+        }
         mNbInputs = nbInputs;
         return 0;
     });
@@ -103,8 +107,9 @@ bool QuantizeDequantizeActivationPlugin::supportsFormatCombination(
             return false;
         }
         nvinfer1::PluginTensorDesc const& desc = inOut[pos].desc;
-        nvinfer1::DataType const wanted = pos < nbInputs ? activationInputType(pos) : nvinfer1::DataType::kFLOAT;
-        return desc.format == nvinfer1::TensorFormat::kLINEAR && desc.type == wanted;
+        // Output: float32 (declared), or float16 for builds that choose precisions (inputs keep their one type).
+        bool const typeOk = pos < nbInputs ? desc.type == activationInputType(pos) : isFloatOrHalf(desc.type);
+        return desc.format == nvinfer1::TensorFormat::kLINEAR && typeOk;
     });
 }
 
@@ -128,14 +133,15 @@ int32_t QuantizeDequantizeActivationPlugin::onShapeChange(nvinfer1::PluginTensor
 }
 
 int32_t QuantizeDequantizeActivationPlugin::enqueue(nvinfer1::PluginTensorDesc const* inputDesc,
-    nvinfer1::PluginTensorDesc const* /* outputDesc */, void const* const* inputs, void* const* outputs,
+    nvinfer1::PluginTensorDesc const* outputDesc, void const* const* inputs, void* const* outputs,
     void* /* workspace */, cudaStream_t stream) noexcept
 {
     return guard<int32_t>("enqueue", -1, [&]() -> int32_t {
-        if (inputDesc == nullptr || inputs == nullptr || outputs == nullptr)
+        if (inputDesc == nullptr || outputDesc == nullptr || inputs == nullptr || outputs == nullptr)
         {
             throw FieldError("enqueue: no input or output buffers");
         }
+        checkOutputType(outputDesc[0].type, "enqueue");
         if (mNbInputs != kACTIVATION_MIN_INPUTS && mNbInputs != kACTIVATION_MAX_INPUTS)
         {
             throw FieldError("enqueue before onShapeChange/configurePlugin told the input count");
@@ -149,11 +155,16 @@ int32_t QuantizeDequantizeActivationPlugin::enqueue(nvinfer1::PluginTensorDesc c
         auto const* zeroPoint = mNbInputs == kACTIVATION_MAX_INPUTS
             ? static_cast<float const*>(inputs[kACTIVATION_ZERO_POINT])
             : nullptr;
+        auto const* xData = static_cast<float const*>(inputs[kACTIVATION_X]);
+        auto const* scale = static_cast<float const*>(inputs[kACTIVATION_SCALE]);
+        auto const* stepIndex = static_cast<int64_t const*>(inputs[kACTIVATION_STEP_INDEX]);
+        int64_t const steps = inputDesc[kACTIVATION_SCALE].dims.d[0];
         // The kernel library validates its arguments again and returns a code instead of throwing.
-        int32_t const status = lowbit_quantize_dequantize_activation_launch(
-            static_cast<float const*>(inputs[kACTIVATION_X]), static_cast<float const*>(inputs[kACTIVATION_SCALE]),
-            static_cast<int64_t const*>(inputs[kACTIVATION_STEP_INDEX]), zeroPoint, static_cast<float*>(outputs[0]),
-            x.d[0], perSample, inputDesc[kACTIVATION_SCALE].dims.d[0], mFields.qmin, mFields.qmax, stream);
+        int32_t const status = outputDesc[0].type == nvinfer1::DataType::kHALF
+            ? lowbit_quantize_dequantize_activation_launch_fp16(xData, scale, stepIndex, zeroPoint,
+                static_cast<uint16_t*>(outputs[0]), x.d[0], perSample, steps, mFields.qmin, mFields.qmax, stream)
+            : lowbit_quantize_dequantize_activation_launch(xData, scale, stepIndex, zeroPoint,
+                static_cast<float*>(outputs[0]), x.d[0], perSample, steps, mFields.qmin, mFields.qmax, stream);
         if (status != 0)
         {
             report(std::string("enqueue: kernel launch failed: ") + lowbit_error_string(status),

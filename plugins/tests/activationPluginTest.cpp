@@ -2,7 +2,8 @@
  * QuantizeDequantizeActivation v1 cases of the C++ plugin runtime test (main and usage: pluginRuntimeTest.cpp): the
  * creator, fields round trip, refusals and declared types on the CPU; on the GPU, plugins made by the creator from
  * PluginFields run configurePlugin / onShapeChange / enqueue on cudaMalloc'd buffers (with and without a zero point,
- * one and many steps, an out-of-range step index) and are compared bit for bit with the kernel library's host path.
+ * one and many steps, an out-of-range step index, FLOAT and HALF output) and are compared bit for bit with the kernel
+ * library's host path.
  */
 #include "common/lowbitFormat.h"
 #include "pluginTestSupport.h"
@@ -55,6 +56,7 @@ struct ActivationCase
     bool zeroPoint;
     int64_t steps;
     std::vector<int64_t> shape; //!< x: [B, ...]
+    bool half;                  //!< HALF output (the float32 value rounded to nearest even)
 };
 
 void gpuCase(nvinfer1::IPluginCreatorV3One* creator, ActivationCase const& test, cudaStream_t stream,
@@ -62,7 +64,7 @@ void gpuCase(nvinfer1::IPluginCreatorV3One* creator, ActivationCase const& test,
 {
     std::string const label = "activation [" + std::to_string(test.qmin) + ", " + std::to_string(test.qmax) + "] T="
         + std::to_string(test.steps) + (test.zeroPoint ? " zero point" : "") + " rank "
-        + std::to_string(test.shape.size());
+        + std::to_string(test.shape.size()) + (test.half ? " HALF output" : "");
     int64_t const batch = test.shape[0];
     int64_t numel = 1;
     for (int64_t extent : test.shape)
@@ -90,11 +92,14 @@ void gpuCase(nvinfer1::IPluginCreatorV3One* creator, ActivationCase const& test,
     stepIndex.back() = test.steps; // out of range: the kernel writes NaN for that sample, host and device alike
     int64_t const perSample = numel / batch;
     float const* zero = test.zeroPoint ? zeroPoint.data() : nullptr;
-    std::vector<float> host(static_cast<size_t>(numel));
-    check(lowbit_quantize_dequantize_activation_host(x.data(), scale.data(), stepIndex.data(), zero, host.data(), batch,
-              perSample, test.steps, test.qmin, test.qmax)
-            == 0,
-        label + ": host path");
+    size_t const outBytes = static_cast<size_t>(numel) * (test.half ? sizeof(uint16_t) : sizeof(float));
+    std::vector<uint8_t> host(outBytes);
+    int const hostStatus = test.half
+        ? lowbit_quantize_dequantize_activation_host_fp16(x.data(), scale.data(), stepIndex.data(), zero,
+            reinterpret_cast<uint16_t*>(host.data()), batch, perSample, test.steps, test.qmin, test.qmax)
+        : lowbit_quantize_dequantize_activation_host(x.data(), scale.data(), stepIndex.data(), zero,
+            reinterpret_cast<float*>(host.data()), batch, perSample, test.steps, test.qmin, test.qmax);
+    check(hostStatus == 0, label + ": host path");
 
     GridFields fields(test.qmin, test.qmax);
     std::unique_ptr<nvinfer1::IPluginV3> built(
@@ -128,6 +133,7 @@ void gpuCase(nvinfer1::IPluginCreatorV3One* creator, ActivationCase const& test,
     in[3].desc.dims = dims1(test.steps);
     in[2].desc.type = nvinfer1::DataType::kINT64;
     out[0].desc.dims = in[0].desc.dims;
+    out[0].desc.type = test.half ? nvinfer1::DataType::kHALF : nvinfer1::DataType::kFLOAT;
     for (auto* desc : {&in[0], &in[1], &in[2], &in[3], &out[0]})
     {
         desc->desc.format = nvinfer1::TensorFormat::kLINEAR;
@@ -143,27 +149,28 @@ void gpuCase(nvinfer1::IPluginCreatorV3One* creator, ActivationCase const& test,
     DeviceBuffer deviceScale(scale.size() * sizeof(float));
     DeviceBuffer deviceStep(stepIndex.size() * sizeof(int64_t));
     DeviceBuffer deviceZero(zeroPoint.size() * sizeof(float));
-    DeviceBuffer deviceOut(bytes);
+    DeviceBuffer deviceOut(outBytes);
     bool const allocated = deviceX.ok && deviceScale.ok && deviceStep.ok && deviceZero.ok && deviceOut.ok;
     check(allocated, label + ": cudaMalloc");
-    std::vector<float> device(host.size(), 0.0F);
+    std::vector<uint8_t> device(outBytes, 0);
     if (allocated)
     {
         cudaMemcpy(deviceX.data, x.data(), bytes, cudaMemcpyHostToDevice);
         cudaMemcpy(deviceScale.data, scale.data(), scale.size() * sizeof(float), cudaMemcpyHostToDevice);
         cudaMemcpy(deviceStep.data, stepIndex.data(), stepIndex.size() * sizeof(int64_t), cudaMemcpyHostToDevice);
         cudaMemcpy(deviceZero.data, zeroPoint.data(), zeroPoint.size() * sizeof(float), cudaMemcpyHostToDevice);
-        cudaMemset(deviceOut.data, 0xAB, bytes); // unwritten outputs show
+        cudaMemset(deviceOut.data, 0xAB, outBytes); // unwritten outputs show
         void const* inputs[4] = {deviceX.data, deviceScale.data, deviceStep.data, deviceZero.data};
         void* outputs[1] = {deviceOut.data};
         check(runtime->enqueue(inDesc, outDesc, inputs, outputs, nullptr, stream) == 0, label + ": enqueue");
         check(cudaStreamSynchronize(stream) == cudaSuccess, label + ": synchronize");
-        cudaMemcpy(device.data(), deviceOut.data, bytes, cudaMemcpyDeviceToHost);
+        cudaMemcpy(device.data(), deviceOut.data, outBytes, cudaMemcpyDeviceToHost);
     }
+    size_t const elementBytes = test.half ? sizeof(uint16_t) : sizeof(float);
     int64_t mismatches = 0;
-    for (size_t i = 0; i < host.size(); ++i)
+    for (size_t i = 0; i < outBytes; i += elementBytes)
     {
-        mismatches += std::memcmp(&device[i], &host[i], sizeof(float)) != 0;
+        mismatches += std::memcmp(&device[i], &host[i], elementBytes) != 0;
     }
     check(mismatches == 0, label + ": " + std::to_string(mismatches) + " outputs differ from the host reference");
 }
@@ -197,6 +204,14 @@ void activationCpuChecks(nvinfer1::IPluginCreatorV3One* creator, CountingLogger&
         int const errorsBefore = logger.errors;
         check(build->getOutputDataTypes(&declared, 1, halfX, 3) != 0 && logger.errors == errorsBefore + 1,
             "activation: a HALF x is refused with an error logged");
+        nvinfer1::DynamicPluginTensorDesc inOut[4]{};
+        for (auto type : {nvinfer1::DataType::kFLOAT, nvinfer1::DataType::kHALF, nvinfer1::DataType::kINT8})
+        {
+            inOut[3].desc.type = type;
+            inOut[3].desc.format = nvinfer1::TensorFormat::kLINEAR;
+            check(build->supportsFormatCombination(3, inOut, 3, 1) == (type != nvinfer1::DataType::kINT8),
+                "activation: FLOAT and HALF output offered, nothing else");
+        }
     }
     GridFields inverted(5, 5);
     int const errorsBefore = logger.errors;
@@ -208,8 +223,10 @@ void activationCpuChecks(nvinfer1::IPluginCreatorV3One* creator, CountingLogger&
 void activationGpuChecks(nvinfer1::IPluginCreatorV3One* creator, cudaStream_t stream)
 {
     std::mt19937 random(4321);
-    std::vector<ActivationCase> const cases{{-8, 7, false, 20, {2, 4, 8, 8}}, {-128, 127, false, 1, {3, 16}},
-        {0, 255, true, 20, {2, 6, 10}}, {0, 255, true, 1, {2, 2, 3, 4, 4}}, {-32768, 32767, true, 7, {4, 320, 9}}};
+    std::vector<ActivationCase> const cases{{-8, 7, false, 20, {2, 4, 8, 8}, false},
+        {-128, 127, false, 1, {3, 16}, false}, {0, 255, true, 20, {2, 6, 10}, false},
+        {0, 255, true, 1, {2, 2, 3, 4, 4}, false}, {-32768, 32767, true, 7, {4, 320, 9}, false},
+        {-8, 7, false, 20, {2, 4, 8, 8}, true}, {0, 255, true, 20, {2, 6, 10}, true}};
     for (auto const& test : cases)
     {
         gpuCase(creator, test, stream, random);

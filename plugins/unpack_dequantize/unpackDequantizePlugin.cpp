@@ -17,11 +17,6 @@ constexpr int32_t kNB_OUTPUTS = 1;
 constexpr int32_t kPACKED_INPUT = 0;
 constexpr int32_t kSCALE_INPUT = 1;
 
-bool isOutputType(nvinfer1::DataType type)
-{
-    return type == nvinfer1::DataType::kFLOAT || type == nvinfer1::DataType::kHALF;
-}
-
 //! Runs the kernel library's launcher of `fields` (version, output type); returns its status code.
 int32_t launch(UnpackDequantizeFields const& fields, void const* packed, uint16_t const* scale, void* out,
     bool outputHalf, cudaStream_t stream)
@@ -82,10 +77,9 @@ int32_t UnpackDequantizePlugin::configurePlugin(nvinfer1::DynamicPluginTensorDes
             dims[i] = in[i].desc.dims;
         }
         checkIo(dims, nbInputs, nbOutputs);
-        if (out != nullptr && !isOutputType(out[0].desc.type))
+        if (out != nullptr)
         {
-            throw FieldError("the output must be FLOAT or HALF, got DataType "
-                + std::to_string(static_cast<int32_t>(out[0].desc.type)));
+            checkOutputType(out[0].desc.type, "configurePlugin");
         }
         return 0;
     });
@@ -160,7 +154,7 @@ bool UnpackDequantizePlugin::supportsFormatCombination(
         {
         case kPACKED_INPUT: return desc.type == mFields.packedType();
         case kSCALE_INPUT: return desc.type == nvinfer1::DataType::kHALF;
-        default: return isOutputType(desc.type); // float32, or float16 for networks that run in half precision
+        default: return isFloatOrHalf(desc.type); // float32, or float16 for networks that run in half precision
         }
     });
 }
@@ -192,11 +186,7 @@ int32_t UnpackDequantizePlugin::enqueue(nvinfer1::PluginTensorDesc const* /* inp
         {
             throw FieldError("enqueue: no input or output buffers");
         }
-        if (!isOutputType(outputDesc[0].type))
-        {
-            throw FieldError("enqueue: the output must be FLOAT or HALF, got DataType "
-                + std::to_string(static_cast<int32_t>(outputDesc[0].type)));
-        }
+        checkOutputType(outputDesc[0].type, "enqueue");
         // The kernel library validates its arguments again and returns a code instead of throwing.
         int32_t const status = launch(mFields, inputs[kPACKED_INPUT], static_cast<uint16_t const*>(inputs[kSCALE_INPUT]),
             outputs[0], outputDesc[0].type == nvinfer1::DataType::kHALF, stream);

@@ -69,3 +69,20 @@ def test_cuda_out_of_range_step_index_and_nan() -> None:
     finite = ~np.isnan(host)
     assert (np.isnan(device) == ~finite).all()
     assert device[finite].tobytes() == host[finite].tobytes()
+
+
+@pytest.mark.parametrize(("grid", "with_zero_point"), GRIDS, ids=["A4sym", "A8sym", "A8asym-zp", "A8asym"])
+def test_cuda_fp16_output_matches_host(grid, with_zero_point) -> None:
+    """float16 output: the device's equals the host's (the float32 value rounded to nearest even) bit for bit."""
+    import torch
+
+    from lowbit_deploy.engines.kernels import quantize_dequantize_activation_cuda, quantize_dequantize_activation_host
+
+    rng = np.random.default_rng(7)
+    x, scale, step_index, zero_point = _case(grid, with_zero_point, (2, 4, 8, 8), 20, rng)
+    host = quantize_dequantize_activation_host(x, scale, step_index, grid.qmin, grid.qmax, zero_point,
+                                               out_dtype=np.float16)
+    device = quantize_dequantize_activation_cuda(
+        torch.from_numpy(x).cuda(), torch.from_numpy(scale).cuda(), torch.from_numpy(step_index).cuda(), grid.qmin,
+        grid.qmax, None if zero_point is None else torch.from_numpy(zero_point).cuda(), out_dtype=torch.float16)
+    assert device.dtype == torch.float16 and device.cpu().numpy().tobytes() == host.tobytes()

@@ -66,6 +66,28 @@ def test_engines_built_with_either_plugin_are_byte_identical(cpp_plugin_library,
     assert b"QuantizeDequantizeActivation" in cpp_bytes and b"qmax" in cpp_bytes  # fields serialized by name
 
 
+def test_python_plugin_offers_float_and_half_output() -> None:
+    """Output FLOAT (declared by get_output_data_types) or HALF, LINEAR; the inputs keep their one type each. (The C++
+    plugin's answers: plugins/tests/activationPluginTest.cpp, CPU part.)"""
+    from lowbit_deploy.engines.activation_plugin import activation_plugin_classes, parse_activation_fields
+    from lowbit_deploy.engines.tensorrt_import import tensorrt_backend
+
+    trt = tensorrt_backend("tensorrt_rtx").module
+    plugin = activation_plugin_classes(trt)[0](parse_activation_fields({"qmin": -128, "qmax": 127}))
+    assert plugin.get_output_data_types([trt.DataType.FLOAT, trt.DataType.FLOAT, trt.DataType.INT64]) == [
+        trt.DataType.FLOAT]
+
+    def accepts(pos: int, dtype, fmt=trt.TensorFormat.LINEAR) -> bool:
+        in_out = [trt.DynamicPluginTensorDesc() for _ in range(4)]
+        in_out[pos].desc.type, in_out[pos].desc.format = dtype, fmt
+        return plugin.supports_format_combination(pos, in_out, 3)
+
+    assert accepts(3, trt.DataType.FLOAT) and accepts(3, trt.DataType.HALF)
+    assert not accepts(3, trt.DataType.INT8) and not accepts(3, trt.DataType.HALF, trt.TensorFormat.CHW2)
+    assert accepts(0, trt.DataType.FLOAT) and not accepts(0, trt.DataType.HALF)
+    assert accepts(2, trt.DataType.INT64) and not accepts(2, trt.DataType.INT32)
+
+
 def _node(model: onnx.ModelProto) -> onnx.NodeProto:
     return next(n for n in model.graph.node if n.domain == "lowbit")
 

@@ -130,3 +130,20 @@ def test_c_abi_validates_on_its_own(kernel_library) -> None:
         kernel_library.quantize_dequantize_activation_host(*pointers, -1, 2, 2, -8, 7)
     with pytest.raises(KernelError, match="null pointer"):
         kernel_library.quantize_dequantize_activation_host(None, *pointers[1:], 2, 2, 2, -8, 7)
+
+
+@pytest.mark.parametrize("steps", STEPS, ids=lambda t: f"T{t}")
+@pytest.mark.parametrize(("grid", "with_zero_point"), GRIDS,
+                         ids=lambda v: v.describe().replace(" ", "-") if isinstance(v, ActivationGrid) else
+                         ("zp" if v else "nozp"))
+def test_fp16_output_is_the_fp32_output_rounded_to_nearest_even(kernel_library, grid, with_zero_point,
+                                                               steps) -> None:
+    x, scale, step_index, zero_point = _case(grid, with_zero_point, (4, 3, 7, 5), steps, seed=steps)
+    # A step index out of range (NaN for that sample) and tiny scales (products in the float16 subnormals).
+    step_index[-1] = steps
+    scale[: max(1, steps // 2)] *= np.float32(2.0**-20)
+    fp32 = quantize_dequantize_activation_host(x, scale, step_index, grid.qmin, grid.qmax, zero_point)
+    fp16 = quantize_dequantize_activation_host(x, scale, step_index, grid.qmin, grid.qmax, zero_point,
+                                               out_dtype=np.float16)
+    assert fp16.dtype == np.float16 and fp16.shape == x.shape and np.isnan(fp16[-1]).all()
+    assert fp16.tobytes() == fp32.astype(np.float16).tobytes()
