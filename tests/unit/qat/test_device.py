@@ -11,7 +11,6 @@ from lowbit_deploy.errors import UserError
 from lowbit_deploy.qat.checkpoint import CHECKPOINT_DIRNAME, TRAIN_STATE_FILE, WEIGHTS_FILE, load_checkpoint
 from lowbit_deploy.qat.device import attach_device_boundary, deterministic_kernels, resolve_device, teacher_dtype
 from lowbit_deploy.qat.distributed import Distributed
-from lowbit_deploy.qat.objectives import NoisedBatch
 from lowbit_deploy.qat.trainer import _prepare, train
 from lowbit_deploy.recipes import parse_recipe
 
@@ -111,15 +110,15 @@ def _student_gradients(recipe_dict, model_dir, tmp_path, checkpointing: bool) ->
     generator = torch.Generator().manual_seed(0)
     size = student.config.sample_size
     shape = (2, student.config.in_channels, size, size)
-    noisy, states = torch.randn(shape, generator=generator), torch.randn(2, 3, 16, generator=generator)
-    inputs = NoisedBatch(noisy, noisy, noisy, torch.tensor([951, 1]), states, torch.zeros(2, dtype=torch.bool))
+    inputs = (torch.randn(shape, generator=generator), torch.tensor([951, 1]),
+              torch.randn(2, 3, 16, generator=generator))
     with torch.no_grad():
-        target = teacher(inputs.noisy, inputs.timesteps, inputs.conditions).sample
+        target = teacher(*inputs).sample
     calls: list[str] = []
     for name, module in student.named_modules():
         if name.endswith("_quantizer"):
             module.register_forward_hook(lambda *args, name=name: calls.append(name))
-    loss = torch.nn.functional.mse_loss(student(inputs.noisy, inputs.timesteps, inputs.conditions).sample, target)
+    loss = torch.nn.functional.mse_loss(student(*inputs).sample, target)
     forward_calls = len(calls)
     loss.backward()
     return ({name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None},
