@@ -178,3 +178,15 @@ def test_cuda_training_is_reproducible_resumes_and_loads_on_the_cpu(request, rec
     assert _same(_checkpoint_tensors(whole)[0], _checkpoint_tensors(stopped)[0])
     loaded = load_checkpoint(whole)
     assert next(loaded.unet.parameters()).device.type == "cpu" and result.steps > 0
+
+
+def test_a_resume_may_switch_gradient_checkpointing_and_ends_bit_identical(tmp_path, tiny_model_dir,
+                                                                          tiny_recipe_dict):
+    plain = parse_recipe(tiny_recipe_dict)
+    tiny_recipe_dict["train"]["gradient_checkpointing"] = True
+    checkpointed = parse_recipe(tiny_recipe_dict)
+    train(plain, tmp_path / "whole", model_path=str(tiny_model_dir), progress=False)
+    train(plain, tmp_path / "switched", model_path=str(tiny_model_dir), progress=False, steps=1)
+    train(checkpointed, tmp_path / "switched", model_path=str(tiny_model_dir), progress=False, resume=True)
+    whole, switched = _checkpoint_tensors(tmp_path / "whole"), _checkpoint_tensors(tmp_path / "switched")
+    assert _same(whole[0], switched[0]) and _same(whole[1], switched[1])
