@@ -26,6 +26,28 @@ def test_twin_is_float64_everywhere_and_keeps_stored_values(context):
         assert torch.equal(layer.weight_value.float(), original)  # exact conversion, no rounding
 
 
+def test_the_in_place_twin_equals_the_copy_and_restores_the_model_exactly(context):
+    from lowbit_deploy.validate.floor import float64_in_place
+    from lowbit_deploy.validate.sampling import module_runner
+
+    deployed, feeds = context.deployed, context.inputs[0]
+    state = {key: tensor.clone() for key, tensor in deployed.state_dict().items()}
+    before = module_runner(deployed, deployed.signature)(feeds)
+    args = [feeds[name].double() if feeds[name].is_floating_point() else feeds[name]
+            for name in deployed.signature.input_names]
+    with torch.no_grad():
+        expected = float64_twin(deployed)(*args)
+        with float64_in_place(deployed) as twin:
+            assert twin is deployed and all(p.dtype == torch.float64 for p in twin.parameters())
+            assert torch.equal(twin(*args), expected)
+        after = module_runner(deployed, deployed.signature)(feeds)
+    restored = deployed.state_dict()
+    assert all(restored[key].dtype == tensor.dtype and torch.equal(restored[key], tensor)
+               for key, tensor in state.items())
+    assert all(layer.weight_value.dtype == torch.float32 for layer in deployed.packed_layers().values())
+    assert torch.equal(after, before)
+
+
 def test_floor_is_float32_rounding_not_a_model_difference(context):
     floor = measure_floor(context.deployed, context.inputs, context.reference_outputs())
     # float32 rounding through a small UNet: far above any quantization or storage error (those would be < 80 dB)
