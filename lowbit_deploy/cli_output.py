@@ -268,11 +268,22 @@ def _session() -> CommandSession | None:
     return context.find_object(CommandSession) if context is not None else None
 
 
+def _refuse_under_torchrun(command: str) -> None:
+    """Only ``train`` splits its work between torchrun's processes (lowbit_deploy/qat/distributed.py); N copies of
+    any other command would all write the same run's files."""
+    if command != "train" and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+        raise UserError(f"`lowbit-deploy {command}` runs in one process, but torchrun started "
+                        f"{os.environ['WORLD_SIZE']} (WORLD_SIZE); only `train` runs under torchrun. Train with "
+                        f"`torchrun --nproc_per_node N -m lowbit_deploy train RECIPE --out RUN`, then run "
+                        f"`lowbit-deploy {command} ...` without torchrun (docs/training-on-gpus.md)")
+
+
 def stage(func):
     """Wrap a subcommand: a return value of False means FAILED (exit 1); errors are handled by :class:`LowbitGroup`."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        _refuse_under_torchrun(click.get_current_context().info_name)
         session = _session()
         if session is not None:
             session.command, session.ran = click.get_current_context().info_name, True

@@ -181,3 +181,17 @@ def test_an_efficientdm_trajectory_run_matches_one_process(tmp_path, tiny_model_
     (single_weights, single_state), (ddp_weights, ddp_state) = _tensors(tmp_path / "single"), _tensors(tmp_path / "ddp")
     assert _max_difference(single_weights, ddp_weights) <= 0.1 * recipe["train"]["lr"]
     assert _max_difference(single_state, ddp_state) <= 0.1 * recipe["train"]["lr"]
+
+
+@pytest.mark.parametrize("command", [["run", "recipe.yaml", "--out", "run"], ["export", "run"], ["validate", "run"]])
+def test_commands_other_than_train_refuse_to_run_under_torchrun(tmp_path, command):
+    from click.testing import CliRunner
+
+    from lowbit_deploy.cli import main
+
+    runner = CliRunner()
+    with runner.isolated_filesystem(temp_dir=tmp_path) as folder:
+        result = runner.invoke(main, command, env={"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"})
+        assert result.exit_code == 2, result.output
+        assert f"`lowbit-deploy {command[0]}` runs in one process" in result.output
+        assert "only `train` runs under torchrun" in result.output and not any(Path(folder).iterdir())
