@@ -160,3 +160,18 @@ def test_unet_keywords_spell_the_diffusers_call():
 def test_encoder_hid_dim_text_projection_sets_the_states_width(tiny_unet):
     tiny_unet.register_to_config(encoder_hid_dim=24, encoder_hid_dim_type="text_proj")
     assert signature_for(tiny_unet, 4).cross_attention_dim == 24
+
+
+def test_sdxl_base_config_gives_its_pooled_width_and_1024_pixel_time_ids():
+    """The keys of stabilityai/stable-diffusion-xl-base-1.0's unet/config.json that decide the added inputs."""
+    from lowbit_deploy.models.conditioning import draw_added
+    from lowbit_deploy.signature import added_conditions_for
+
+    config = {"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+              "projection_class_embeddings_input_dim": 2816, "class_embed_type": None, "num_class_embeds": None,
+              "time_cond_proj_dim": None, "encoder_hid_dim_type": None, "cross_attention_dim": 2048,
+              "block_out_channels": [320, 640, 1280]}
+    text, time_ids = added_conditions_for(config)
+    assert text.shape == ("batch", 1280) and time_ids.shape == ("batch", 6)  # CLIP ViT-bigG's pooled width
+    drawn = draw_added((time_ids,), 1, torch.Generator(), (4, 128, 128))
+    assert drawn["time_ids"].tolist() == [[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]
