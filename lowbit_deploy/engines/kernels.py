@@ -35,7 +35,8 @@ _WORD_DTYPES = {8: np.int8, 32: np.int32}
 def find_nvcc() -> str | None:
     """nvcc from $NVCC, PATH, $CUDA_HOME/bin or /usr/local/cuda/bin."""
     candidates = [os.environ.get("NVCC"), shutil.which("nvcc")]
-    candidates += [str(Path(root) / "bin" / "nvcc") for root in (os.environ.get("CUDA_HOME"), "/usr/local/cuda") if root]
+    roots = (os.environ.get("CUDA_HOME"), "/usr/local/cuda")
+    candidates += [str(Path(root) / "bin" / "nvcc") for root in roots if root]
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
@@ -99,7 +100,8 @@ def _check_arguments(packed_dtype: np.dtype, scale_dtype: np.dtype, levels: int,
         raise ValueError(f"scales must be float16, got {scale_dtype}")
     expected = packing.codes_per_word(levels, word_bits)
     if codes_per_word != expected:
-        raise ValueError(f"codes_per_word={codes_per_word} but {levels} levels in {word_bits}-bit words give {expected}")
+        raise ValueError(f"codes_per_word={codes_per_word} but {levels} levels in {word_bits}-bit words give "
+                         f"{expected}")
     if not shape or any(int(d) < 1 for d in shape):
         raise ValueError(f"shape must be non-empty with positive dimensions, got {tuple(shape)}")
     numel = int(np.prod(shape, dtype=np.int64))

@@ -19,8 +19,9 @@ __global__ void quantizeDequantizeActivationKernel(float const* __restrict__ x, 
     int64_t const stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
     for (int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; index < numel; index += stride)
     {
-        storeOutput(
-            out + index, quantizeDequantizeElement(x, scale, stepIndex, zeroPoint, index, perSample, steps, qmin, qmax));
+        float const value
+            = quantizeDequantizeElement(x, scale, stepIndex, zeroPoint, index, perSample, steps, qmin, qmax);
+        storeOutput(out + index, value);
     }
 }
 

@@ -67,7 +67,8 @@ int main(int argc, char** argv)
     {
         auto* creator = static_cast<nvinfer1::IPluginCreatorV3One*>(creators[i]);
         int const version = std::atoi(creator->getPluginVersion());
-        if (std::strcmp(creator->getPluginName(), lowbit::kUNPACK_DEQUANTIZE_NAME) == 0 && (version == 1 || version == 2))
+        bool const unpackCreator = std::strcmp(creator->getPluginName(), lowbit::kUNPACK_DEQUANTIZE_NAME) == 0;
+        if (unpackCreator && (version == 1 || version == 2))
         {
             unpack[version] = creator;
         }

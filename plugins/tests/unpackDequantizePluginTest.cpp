@@ -30,7 +30,8 @@ using namespace lowbit_test;
 //! Fields of one plugin; PluginField points into these vectors.
 struct Fields
 {
-    Fields(int version_, std::vector<std::pair<std::string, std::vector<int32_t>>> scalars_, std::vector<int64_t> shape_)
+    Fields(
+        int version_, std::vector<std::pair<std::string, std::vector<int32_t>>> scalars_, std::vector<int64_t> shape_)
         : version(version_)
         , scalars(std::move(scalars_))
         , shape(std::move(shape_))
@@ -233,7 +234,7 @@ void gpuCase(Library& library, Fields fields, bool half, cudaStream_t stream, st
     }
     std::vector<uint8_t> const packed = pack(codes, fields);
     bool const int32Words = fields.version == 1 && fields.scalars[2].second[0] == 32;
-    int64_t const packedLength = int32Words ? static_cast<int64_t>(packed.size() / 4) : static_cast<int64_t>(packed.size());
+    int64_t const packedLength = static_cast<int64_t>(int32Words ? packed.size() / 4 : packed.size());
     std::string const label = "v" + std::to_string(fields.version) + " levels=" + std::to_string(levels) + " numel="
         + std::to_string(numel) + (int32Words ? " int32 words" : "") + (half ? " HALF output" : "");
 
@@ -321,8 +322,8 @@ void gpuCase(Library& library, Fields fields, bool half, cudaStream_t stream, st
     int64_t mismatches = 0;
     for (int64_t i = 0; i < numel; ++i)
     {
-        float const value
-            = static_cast<float>(codes[i] + qmin) * lowbit::halfBitsToFloat(scales[static_cast<size_t>(i / perChannel)]);
+        float const scale = lowbit::halfBitsToFloat(scales[static_cast<size_t>(i / perChannel)]);
+        float const value = static_cast<float>(codes[i] + qmin) * scale;
         uint32_t const expected = expectedBits(value, half);
         uint32_t deviceBits = 0;
         uint32_t hostBits = 0;

@@ -90,7 +90,8 @@ cudaError_t launchUnpackDequantize(Word const* packed, uint16_t const* scaleFp16
     dim3 const blocks(static_cast<unsigned>(plan.grid.blocks));
     dim3 const threads(static_cast<unsigned>(plan.grid.blockThreads));
     withIndexType(plan.grid, false, [&](auto index) {
-        unpackDequantizeKernel<decltype(index), Word, Out><<<blocks, threads, 0, stream>>>(plan, packed, scaleFp16, out);
+        unpackDequantizeKernel<decltype(index), Word, Out>
+            <<<blocks, threads, 0, stream>>>(plan, packed, scaleFp16, out);
         return 0;
     });
     return cudaGetLastError();

@@ -188,8 +188,9 @@ int32_t UnpackDequantizePlugin::enqueue(nvinfer1::PluginTensorDesc const* /* inp
         }
         checkOutputType(outputDesc[0].type, "enqueue");
         // The kernel library validates its arguments again and returns a code instead of throwing.
-        int32_t const status = launch(mFields, inputs[kPACKED_INPUT], static_cast<uint16_t const*>(inputs[kSCALE_INPUT]),
-            outputs[0], outputDesc[0].type == nvinfer1::DataType::kHALF, stream);
+        auto const* scale = static_cast<uint16_t const*>(inputs[kSCALE_INPUT]);
+        int32_t const status = launch(mFields, inputs[kPACKED_INPUT], scale, outputs[0],
+            outputDesc[0].type == nvinfer1::DataType::kHALF, stream);
         if (status != 0)
         {
             report(std::string("enqueue: kernel launch failed: ") + lowbit_error_string(status),

@@ -30,7 +30,8 @@ def _cases():
                 # Say so instead of silently dropping it: the rejection is tested in test_rejects_levels_too_wide.
                 marks = pytest.mark.skip(reason=f"{levels} levels do not fit a {fmt.word_bits}-bit word")
             for shape in SHAPES:
-                yield pytest.param(levels, fmt, shape, marks=marks, id=f"L{levels}-{fmt.value}-{'x'.join(map(str, shape))}")
+                case_id = f"L{levels}-{fmt.value}-{'x'.join(map(str, shape))}"
+                yield pytest.param(levels, fmt, shape, marks=marks, id=case_id)
 
 
 def _random_case(levels: int, fmt: PackingFormat, shape: tuple[int, ...], seed: int):
