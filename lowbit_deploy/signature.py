@@ -274,7 +274,11 @@ def _class_indexes(config) -> tuple[TensorSpec, ...]:
 
 def _class_vectors(width_of):
     def specs(config) -> tuple[TensorSpec, ...]:
-        return (TensorSpec("class_labels", "float32", (BATCH_AXIS, int(width_of(config))),
+        width = width_of(config)
+        if not width:
+            raise _refusal("class_embed_type", config["class_embed_type"], "its class vector width is not in the "
+                           "config (projection_class_embeddings_input_dim)")
+        return (TensorSpec("class_labels", "float32", (BATCH_AXIS, int(width)),
                            f"class conditioning vector (class_embed_type {config['class_embed_type']}; zeros stand "
                            f"for 'no class')"),)
     return specs
@@ -285,8 +289,8 @@ def _class_vectors(width_of):
 ADDITION_EMBEDDINGS = {None: lambda config: (), "text_time": _text_time}
 CLASS_EMBEDDINGS = {
     None: _class_indexes,
-    "projection": _class_vectors(lambda config: config["projection_class_embeddings_input_dim"]),
-    "simple_projection": _class_vectors(lambda config: config["projection_class_embeddings_input_dim"]),
+    "projection": _class_vectors(lambda config: config.get("projection_class_embeddings_input_dim")),
+    "simple_projection": _class_vectors(lambda config: config.get("projection_class_embeddings_input_dim")),
     "identity": _class_vectors(_time_embed_dim),
 }
 ENCODER_HIDDEN_STATES = (None, "text_proj")  # encoder_hid_dim_type values that keep the plain text input
