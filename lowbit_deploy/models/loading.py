@@ -104,7 +104,10 @@ def _check_config(folder: Path) -> dict:
     class_name = config.get("_class_name", "UNet2DConditionModel")
     if class_name != "UNet2DConditionModel":
         raise UserError(f"{folder / UNET_CONFIG} describes a {class_name}; lowbit-deploy quantizes "
-                        f"UNet2DConditionModel checkpoints (SD1.x/2.x-like): pass such a folder")
+                        f"UNet2DConditionModel checkpoints (SD1.x/2.x, SDXL, class-conditional): pass such a folder")
+    from ..signature import added_conditions_for
+
+    added_conditions_for(config)  # inputs it cannot feed are refused now, before the weights are read
     return config
 
 

@@ -106,3 +106,15 @@ def test_a_bundle_refuses_an_unsupported_unet_as_soon_as_it_is_made():
     unet.register_to_config(time_cond_proj_dim=32)
     with pytest.raises(UserError, match="time_cond_proj_dim=32.*guidance-scale embedding"):
         ModelBundle(unet, "here", RandomConditionSource(dim=16), None, {})
+
+
+def test_a_folder_with_an_unsupported_unet_is_refused_before_its_weights_are_read(tmp_path):
+    import json
+
+    make_tiny_class_unet().save_pretrained(tmp_path / "model" / "unet")
+    config_path = tmp_path / "model" / "unet" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "addition_embed_type": "image"}))
+    for weights in (tmp_path / "model" / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"not read")  # a corrupt file would be the error if the weights were opened first
+    with pytest.raises(UserError, match="addition_embed_type='image'"):
+        load_model(tmp_path / "model")
