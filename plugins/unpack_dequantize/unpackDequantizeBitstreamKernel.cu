@@ -95,18 +95,11 @@ int dispatchBitstream(void const* packed, int64_t numBytes, uint16_t const* scal
     int64_t channels, int levels, int qmin, int groupSize, int groupBits, bool onDevice, cudaStream_t stream,
     int64_t maxBlocks, bool wideIndex = false)
 {
-    int const status = validateBitstream(numBytes, numel, channels, levels, groupSize, groupBits);
+    int const status = checkBuffers(
+        validateBitstream(numBytes, numel, channels, levels, groupSize, groupBits), packed, scaleFp16, out, maxBlocks);
     if (status != 0)
     {
         return status;
-    }
-    if (packed == nullptr || scaleFp16 == nullptr || out == nullptr)
-    {
-        return LOWBIT_ERR_NULL_POINTER;
-    }
-    if (maxBlocks < 1)
-    {
-        return LOWBIT_ERR_BAD_MAX_BLOCKS;
     }
     auto const* stream8 = static_cast<uint8_t const*>(packed);
     if (onDevice)

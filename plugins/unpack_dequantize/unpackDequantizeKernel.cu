@@ -45,18 +45,11 @@ int dispatch(void const* packed, int wordBits, uint16_t const* scaleFp16, Out* o
     int levels, int qmin, int codesPerWord, bool onDevice, cudaStream_t stream, int64_t maxBlocks,
     bool wideIndex = false)
 {
-    int const status = validate(wordBits, numel, channels, levels, codesPerWord);
+    int const status
+        = checkBuffers(validate(wordBits, numel, channels, levels, codesPerWord), packed, scaleFp16, out, maxBlocks);
     if (status != 0)
     {
         return status;
-    }
-    if (packed == nullptr || scaleFp16 == nullptr || out == nullptr)
-    {
-        return LOWBIT_ERR_NULL_POINTER;
-    }
-    if (maxBlocks < 1)
-    {
-        return LOWBIT_ERR_BAD_MAX_BLOCKS;
     }
     bool const bytes = wordBits == kINT8_WORDS_WORD_BITS;
     if (onDevice)

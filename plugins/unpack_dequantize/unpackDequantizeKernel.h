@@ -17,6 +17,21 @@
 namespace lowbit
 {
 
+//! The checks every entry point makes after its version's own (`status`, 0 when they passed): buffers present and
+//! a grid cap of at least one block. Returns the first failing code, or 0.
+inline int checkBuffers(int status, void const* packed, void const* scaleFp16, void const* out, int64_t maxBlocks)
+{
+    if (status != 0)
+    {
+        return status;
+    }
+    if (packed == nullptr || scaleFp16 == nullptr || out == nullptr)
+    {
+        return LOWBIT_ERR_NULL_POINTER;
+    }
+    return maxBlocks < 1 ? LOWBIT_ERR_BAD_MAX_BLOCKS : 0;
+}
+
 //! Launches the v1 decode on `stream`. Word is uint8_t (INT8 words) or uint32_t (INT32 words), read as unsigned; Out
 //! is float (float32 output) or uint16_t (float16 output, its bits). Arguments must already be valid.
 template <typename Word, typename Out>
