@@ -129,9 +129,11 @@ def read_build_info(path: Path) -> str | None:
 
 
 def _newest_source(plugins_dir: Path) -> Path | None:
+    # build/ holds outputs and tests/ the C++ test programs, which are not linked into the library: editing a test
+    # must not make the library look stale (`make plugins` would not relink it, so the error could never clear).
     sources = [p for p in plugins_dir.rglob("*")
                if (p.suffix in _SOURCE_SUFFIXES or p.name == "CMakeLists.txt")
-               and p.relative_to(plugins_dir).parts[0] != "build"]
+               and p.relative_to(plugins_dir).parts[0] not in ("build", "tests")]
     return max(sources, key=lambda p: p.stat().st_mtime, default=None)
 
 

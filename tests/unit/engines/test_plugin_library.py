@@ -200,6 +200,18 @@ def test_stale_library_is_refused(plugins_dir) -> None:
         check_plugin_library(RTX, plugins_dir=plugins_dir)
 
 
+@pytest.mark.parametrize("folder, stale", [("unpack_dequantize", True), ("common", True), ("tests", False)])
+def test_only_library_sources_count_for_staleness(plugins_dir, folder, stale) -> None:
+    """The C++ test programs under plugins/tests/ are not linked into the library: a newer one must not make it look
+    stale (`make plugins` would not relink it, so the refusal could never clear)."""
+    source = plugins_dir / folder / "newer.cpp"
+    source.parent.mkdir(exist_ok=True)
+    source.write_text("// newer than the library\n")
+    future = (plugins_dir / "build" / "liblowbit_plugins_trt11.so").stat().st_mtime + 10
+    os.utime(source, (future, future))
+    assert (plugin_library._newest_source(plugins_dir) == source) is stale
+
+
 def test_library_for_other_headers_is_refused(plugins_dir) -> None:
     library = plugins_dir / "build" / "liblowbit_plugins_trt11.so"
     library.write_bytes(library.read_bytes().replace(b"headers=11.1.0", b"headers=10.16.0"))
