@@ -28,11 +28,15 @@ METADATA_SIGNATURE = "lowbit.signature"
 class WeightMode:
     description: str
     disabled_optimizers: tuple[str, ...]  # ORT graph transformers switched off (by their registered names)
+    # False: no CPU arena and no pre-planned block for all intermediates; each tensor (a layer's unpacked weight, an
+    # attention map) is freed when its consumers ran, instead of the arena keeping the peak for the session's life.
+    pooled_memory: bool = True
 
 
 WEIGHT_MODES: dict[str, WeightMode] = {
     "packed": WeightMode("packed words stay the resident weights; each lowbit node unpacks its layer at every call "
-                         "(constant folding off, every other graph optimisation on)", ("ConstantFolding",)),
+                         "(constant folding off, every other graph optimisation on; no memory arena)",
+                         ("ConstantFolding",), pooled_memory=False),
     "folded": WeightMode("ONNX Runtime's defaults: constant folding decodes every packed weight to float32 when the "
                          "session opens (float32-sized memory, no unpacking per call)", ()),
 }
@@ -124,10 +128,12 @@ class OrtRunner:
             # "auto" resolves here (a missing file: "folded", ORT's defaults; ORT then names the problem)
             self.weights = resolve_weight_mode(self.weights, self.onnx_path) if self.onnx_path.is_file() else \
                 self.weights.replace(AUTO_WEIGHT_MODE, "folded")
+            mode = WEIGHT_MODES[self.weights]
+            options.enable_cpu_mem_arena = options.enable_mem_pattern = mode.pooled_memory
             try:
                 self._session = ort.InferenceSession(
                     str(self.onnx_path), options, providers=["CPUExecutionProvider"],
-                    disabled_optimizers=list(WEIGHT_MODES[self.weights].disabled_optimizers))
+                    disabled_optimizers=list(mode.disabled_optimizers))
             except Exception as error:  # ORT raises its own exception types for unreadable models
                 raise UserError(f"ONNX Runtime cannot load {self.onnx_path}: {error}") from None
             names = tuple(item.name for item in self._session.get_inputs())
