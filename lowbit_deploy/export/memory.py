@@ -22,8 +22,8 @@ EXPORT_BYTES_PER_PARAMETER = 7.5
 # the fp16 reference on top: its fp16 weights (2 B), the traced graph in torch and the ONNX proto read back (2 B each)
 FP16_REFERENCE_BYTES_PER_PARAMETER = 6.0
 # validate: trained-then-deployed model (4 B + its decoded weights), the float teacher for the FP samples (4 B), one
-# ORT session (packed) and its arena at the sampling batch. A LOWER BOUND: the SD1.5 run was stopped at 13.6 GiB
-# (the ORT sampling at batch 4, the last check) by the benchmark's 14 GiB cap on the shared machine.
+# ORT session (packed, no arena) at the sampling batch: measured 13.54 GiB peak for 860M parameters (15.0 B past the
+# fixed cost; benchmarks/scale.py, 2026-12-05).
 VALIDATE_BYTES_PER_PARAMETER = 16.0
 
 
