@@ -243,7 +243,8 @@ def _train(recipe: Recipe, run_dir: Path, model_path: str | None, stage_plan: St
             trainable, total = trainable_fraction(student)
             extra = {"conditions": bundle.condition_report, "trainable_parameters": trainable, "parameters": total,
                      "trainable_fraction": round(trainable / total, 6), "device": str(device),
-                     "processes": distributed.world_size, "teacher_dtype": str(next(teacher.parameters()).dtype)}
+                     "processes": distributed.world_size,
+                     "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch.")}
             if calibration:
                 extra["activation_calibration"] = calibration
             update_report(run_dir, "train", {**result.summary(), "plan": plan.summary(signature.num_steps),

@@ -155,6 +155,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(runs):
     assert _max_difference(single_state, ddp_state) <= 0.1 * LR
     report = json.loads((folder / "ddp" / "report.json").read_text())["train"]
     assert report["processes"] == 2 and report["steps"] == STEPS and report["device"] == "cpu"
+    assert report["teacher_dtype"] == "float32"  # the auto setting on the CPU, named as the recipe names it
 
 
 @pytest.mark.slow
