@@ -47,6 +47,7 @@ class RunnerOptions:
     built_for: tuple[str, ...] | None = None     # engine compute capabilities (None: from report.json beside it)
     tensorrt: str | None = None                  # "tensorrt" | "tensorrt_rtx" (None: whichever is installed)
     ort_weights: str = "auto"                    # ONNX Runtime: "packed" | "folded" | "auto" (runtime/ort.py)
+    plugin: str = "auto"                         # TensorRT: which lowbit creators ("auto" | "cpp" | "python")
 
 
 @dataclass(frozen=True)
@@ -91,12 +92,14 @@ def backend_for(path: str | os.PathLike[str], backend: str | None = None) -> Bac
 def open_runner(path: str | os.PathLike[str], backend: str | None = None, *,
                 signature: DeployedSignature | None = None, threads: int | None = None,
                 built_for: list[str] | tuple[str, ...] | None = None, tensorrt: str | None = None,
-                ort_weights: str = "auto") -> Runner:
+                ort_weights: str = "auto", plugin: str = "auto") -> Runner:
     """A :class:`Runner` for an exported file: ``.onnx`` runs on ONNX Runtime (CPU), ``.engine`` on TensorRT (GPU),
     a run's ``checkpoint/quantized_unet.safetensors`` as the PyTorch deployed model (the reference).
 
     ``backend`` overrides the choice by suffix (see ``BACKENDS``); ``ort_weights`` is how ONNX Runtime holds the
-    packed weights (``runtime.ort.WEIGHT_MODES``). Problems are :class:`UserError`; a backend that
+    packed weights (``runtime.ort.WEIGHT_MODES``); ``plugin`` which lowbit plugin creators deserialize an engine
+    (``runtime.trt.RUNTIME_PLUGINS``: the C++ library, the Python creators, or ``auto``: the library where it
+    exists). Problems are :class:`UserError`; a backend that
     cannot run on this machine raises :class:`BackendUnavailableError` naming why."""
     path = Path(path)
     chosen = backend_for(path, backend)
@@ -107,7 +110,7 @@ def open_runner(path: str | os.PathLike[str], backend: str | None = None, *,
         raise UserError(f"no file at {path}; export it (`lowbit-deploy export RUN_DIR` writes model.onnx, "
                         f"`lowbit-deploy build RUN_DIR` model.engine) or fix the path")
     options = RunnerOptions(signature, threads, tuple(built_for) if built_for is not None else None, tensorrt,
-                            ort_weights)
+                            ort_weights, plugin)
     return chosen.opener(path, options)
 
 
@@ -166,8 +169,12 @@ class EngineRunner:
     name = "tensorrt"
 
     def __init__(self, engine_path: str | os.PathLike[str], signature: DeployedSignature | None = None,
-                 built_for: list[str] | tuple[str, ...] | None = None, tensorrt: str | None = None) -> None:
+                 built_for: list[str] | tuple[str, ...] | None = None, tensorrt: str | None = None,
+                 plugin: str = "auto") -> None:
         from . import trt as trt_runtime
+
+        if plugin not in trt_runtime.RUNTIME_PLUGINS:
+            raise UserError(f"plugin={plugin!r} is not one of {', '.join(trt_runtime.RUNTIME_PLUGINS)}")
 
         self.engine_path = Path(engine_path)
         if not self.engine_path.is_file():
@@ -180,7 +187,7 @@ class EngineRunner:
                 f"cannot run {self.engine_path} here: {reason}. Run it on a machine that can, or run the ONNX file "
                 f"it was built from on the CPU ({self.engine_path.with_suffix('.onnx').name}, backend "
                 f"'onnxruntime')", reason)
-        self._engine = trt_runtime.TrtRunner(self.engine_path, backend=tensorrt)
+        self._engine = trt_runtime.TrtRunner(self.engine_path, backend=tensorrt, plugin=plugin)
         if tuple(self._engine.input_names) != self.signature.input_names:
             raise UserError(f"{self.engine_path} takes inputs {self._engine.input_names}, but the signature says "
                             f"{list(self.signature.input_names)}; rebuild the engine from the matching ONNX file")
@@ -213,7 +220,7 @@ def _built_for(engine_path: Path) -> list[str] | None:
 
 @register_backend("tensorrt", (".engine", ".plan"), "a TensorRT or TensorRT-RTX engine on a CUDA GPU")
 def _open_tensorrt(path: Path, options: RunnerOptions) -> Runner:
-    return EngineRunner(path, options.signature, options.built_for, options.tensorrt)
+    return EngineRunner(path, options.signature, options.built_for, options.tensorrt, options.plugin)
 
 
 __all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "EngineRunner", "Runner", "RunnerOptions",

@@ -94,8 +94,8 @@ class _FakeEngine:
     input_names = ["sample", "step_index", "encoder_hidden_states"]
     calls: list = []
 
-    def __init__(self, engine_path, backend=None) -> None:
-        self.engine_path = engine_path
+    def __init__(self, engine_path, backend=None, plugin="auto") -> None:
+        self.engine_path, self.plugin = engine_path, plugin
 
     def infer(self, feeds):
         _FakeEngine.calls.append(feeds)
@@ -131,6 +131,19 @@ def test_engine_runner_checks_feeds_before_the_engine_and_answers_on_cpu(engine_
     with pytest.raises(UserError, match="step_index .* out of range"):
         runner(bad)
     assert len(_FakeEngine.calls) == 1  # the out-of-range index never reached the engine
+
+
+@pytest.mark.parametrize("plugin", ["auto", "cpp", "python"])
+def test_engine_runner_passes_the_plugin_choice_to_tensorrt(engine_run, plugin):
+    run, _ = engine_run
+    assert open_runner(run / "model.engine", plugin=plugin)._engine.plugin == plugin
+
+
+def test_engine_runner_refuses_an_unknown_plugin_before_the_engine(engine_run):
+    run, asked = engine_run
+    with pytest.raises(UserError, match="plugin='rust' is not one of auto, cpp, python"):
+        open_runner(run / "model.engine", plugin="rust")
+    assert asked == []  # refused before anything looked at the engine
 
 
 def test_engine_runner_refuses_an_engine_with_other_inputs(engine_run, monkeypatch):
