@@ -25,6 +25,14 @@ FP16_REFERENCE_BYTES_PER_PARAMETER = 6.0
 # ORT session (packed, no arena) at the sampling batch: measured 13.54 GiB peak for 860M parameters (15.0 B past the
 # fixed cost; benchmarks/scale.py, 2026-12-05).
 VALIDATE_BYTES_PER_PARAMETER = 16.0
+# train, held in host memory whatever the device (both UNets load there first): the float teacher and the quantized
+# student (4 B each) -- PTQ (no optimizer step) measured 7.32 GiB peak for 860M parameters (7.3 B past the fixed).
+TRAIN_MODELS_BYTES_PER_PARAMETER = 7.5
+# QAT on the CPU adds the student's gradients (4 B) and AdamW's two moments (8 B): measured 17.32 GiB for one step at
+# batch 1 with gradient checkpointing (19.8 B past the fixed; benchmarks/scale.py --stages qat, 2026-12-05). Larger
+# batches and no checkpointing add activations on top, so this is a lower bound: the check only refuses what
+# cannot fit.
+TRAIN_CPU_QAT_BYTES_PER_PARAMETER = 20.0
 
 
 @dataclass(frozen=True)
@@ -109,3 +117,29 @@ def check_validate_memory(parameters: int, available: int | None = None) -> Memo
                         f"validate on a machine with at least {estimate.needed_bytes / GIB:.0f} GiB available "
                         f"(docs/scale.md)")
     return estimate
+
+
+def train_estimate(parameters: int, optimizer_steps: bool, on_cpu: bool,
+                   available: int | None = None) -> MemoryEstimate:
+    per_parameter = TRAIN_CPU_QAT_BYTES_PER_PARAMETER if optimizer_steps and on_cpu else \
+        TRAIN_MODELS_BYTES_PER_PARAMETER
+    stage = "QAT on the CPU" if optimizer_steps and on_cpu else "loading teacher and student"
+    return MemoryEstimate(stage, parameters, FIXED_BYTES + int(per_parameter * parameters),
+                          available if available is not None else available_bytes())
+
+
+def check_train_memory(parameters: int, optimizer_steps: bool, on_cpu: bool,
+                       available: int | None = None) -> MemoryEstimate:
+    """Refuse a training run whose models (and, on the CPU, gradients and AdamW moments) cannot fit in host memory,
+    before the UNet loads."""
+    estimate = train_estimate(parameters, optimizer_steps, on_cpu, available)
+    if estimate.fits:
+        return estimate
+    models = train_estimate(parameters, False, on_cpu, estimate.available_bytes)
+    if optimizer_steps and on_cpu and models.fits:
+        fix = (f"train on a GPU (--device cuda, docs/training-on-gpus.md), or run post-training quantization only "
+               f"(--steps 0, about {models.needed_bytes / GIB:.1f} GiB), or use a machine with at least "
+               f"{estimate.needed_bytes / GIB:.0f} GiB available")
+    else:
+        fix = f"free memory or train on a machine with at least {estimate.needed_bytes / GIB:.0f} GiB available"
+    raise UserError(f"{estimate.describe()}, so it would be killed for memory part way; {fix} (docs/scale.md)")

@@ -10,7 +10,7 @@ import importlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
@@ -62,26 +62,29 @@ def sample_shape(unet: "UNet2DConditionModel") -> tuple[int, int, int]:
 
 
 def load_model(path: str | os.PathLike | None = None, subfolder: str | None = None, *, variant: str | None = None,
-               prompts_file: str | os.PathLike | None = None) -> ModelBundle:
+               prompts_file: str | os.PathLike | None = None,
+               memory_check: Callable[[int], object] | None = None) -> ModelBundle:
     """Load the embedded default (``path=None``) or a local diffusers checkpoint folder (safetensors only).
 
     With ``subfolder=None`` a ``PATH/unet/config.json`` selects the ``unet`` subfolder. ``variant`` selects weight
     files such as ``diffusion_pytorch_model.fp16.safetensors`` (loaded as float32). ``prompts_file`` (one prompt per
     line) is encoded by the folder's CLIP text encoder where it has one (``text_encoder/`` + ``tokenizer/``);
-    without both, conditions are random and ``condition_report`` warns. Problems with the folder raise
+    without both, conditions are random and ``condition_report`` warns. ``memory_check`` gets the stored parameter
+    count before the UNet loads (a stage's memory pre-flight, export/memory.py). Problems with the folder raise
     ``lowbit_deploy.errors.UserError`` naming the problem and the fix.
     """
     from .loading import load_model_from
 
     return load_model_from(DEFAULT_MODEL_DIR if path is None else path, subfolder, variant,
-                           None if prompts_file is None else str(prompts_file))
+                           None if prompts_file is None else str(prompts_file), memory_check)
 
 
-def load_recipe_model(recipe: "Recipe", path: str | os.PathLike | None = None) -> ModelBundle:
+def load_recipe_model(recipe: "Recipe", path: str | os.PathLike | None = None,
+                      memory_check: Callable[[int], object] | None = None) -> ModelBundle:
     """``load_model`` as ``recipe`` asks (``model.subfolder``, ``model.variant``, ``conditions.prompts_file``) from
     ``path`` (the run's model; None: the embedded default) -- the one place train, analyze and validate load it."""
     return load_model(path, recipe.model.subfolder, variant=recipe.model.variant,
-                      prompts_file=recipe.conditions.prompts_file)
+                      prompts_file=recipe.conditions.prompts_file, memory_check=memory_check)
 
 
 def __getattr__(name: str) -> Any:

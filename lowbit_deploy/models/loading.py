@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 from ..errors import UserError
 
@@ -272,14 +274,18 @@ def _choose_condition(root: Path, config: dict, prompts_file: str | None, varian
 
 
 def load_model_from(path: str | os.PathLike, subfolder: str | None, variant: str | None = None,
-                    prompts_file: str | None = None):
-    """The body of ``models.load_model`` for an explicit folder (the default is just one such folder)."""
+                    prompts_file: str | None = None, memory_check: Callable[[int], object] | None = None):
+    """The body of ``models.load_model`` for an explicit folder (the default is just one such folder).
+    ``memory_check`` gets the stored parameter count before anything loads (a stage's memory pre-flight)."""
     from . import ModelBundle
 
     root = Path(path).expanduser().resolve()
     folder, subfolder = _resolve_unet_folder(root, subfolder)
     config = _check_config(folder)
-    _check_shapes(folder, config, _check_weights(folder, variant))
+    stored = _check_weights(folder, variant)
+    _check_shapes(folder, config, stored)
+    if memory_check is not None:
+        memory_check(sum(math.prod(shape) for shape in stored.values()))
     # Conditions first: a bad prompts file fails before the UNet loads, and the text encoder is gone before it does.
     condition, classifier, report = _choose_condition(root, config, prompts_file, variant)
     unet = _load_unet(folder, root, subfolder, variant)

@@ -95,7 +95,8 @@ def _check_resume_matches(checkpoint, recipe: Recipe, model_path: str | None) ->
 
 
 def _prepare(recipe: Recipe, model_path: str | None, run_dir: Path, resume: bool, device: torch.device,
-             distributed: Distributed):
+             distributed: Distributed, optimizer_steps: bool):
+    from ..export.memory import check_train_memory
     from ..models import load_recipe_model
 
     checkpoint = None
@@ -103,7 +104,9 @@ def _prepare(recipe: Recipe, model_path: str | None, run_dir: Path, resume: bool
         checkpoint = load_checkpoint(run_dir)
         _check_resume_matches(checkpoint, recipe, model_path)
         model_path = checkpoint.model_source
-    bundle = load_recipe_model(recipe, model_path)
+    # Before the UNet loads: a run that cannot fit in host memory is refused instead of killed part way.
+    bundle = load_recipe_model(recipe, model_path, memory_check=lambda parameters: check_train_memory(
+        parameters, optimizer_steps, device.type == "cpu"))
     teacher = bundle.unet.eval().requires_grad_(False)
     calibration: dict = {}
     if checkpoint is not None:
@@ -207,7 +210,7 @@ def _train(recipe: Recipe, run_dir: Path, model_path: str | None, stage_plan: St
     config = recipe.train
     torch.manual_seed(config.seed)
     bundle, teacher, student, plan, signature, model_path, checkpoint_step, calibration = _prepare(
-        recipe, model_path, run_dir, resume, device, distributed)
+        recipe, model_path, run_dir, resume, device, distributed, stage_plan.end_step > 0)
     check_stage_data(stage_plan, lambda source: resolve_source(source, bundle))
     run = TrainingRun(student, teacher, bundle, DDPMScheduler.from_config(bundle.scheduler_config),
                       torch.Generator().manual_seed(config.seed), stage_plan, config.batch_size, config.weight_decay,
