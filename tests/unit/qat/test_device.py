@@ -105,7 +105,7 @@ def _student_gradients(recipe_dict, model_dir, tmp_path, checkpointing: bool) ->
     recipe_dict["train"]["gradient_checkpointing"] = checkpointing
     recipe = parse_recipe(recipe_dict)
     bundle, teacher, student, *_ = _prepare(recipe, str(model_dir), tmp_path, False, torch.device("cpu"),
-                                            Distributed())
+                                            Distributed(), optimizer_steps=True)
     assert student.is_gradient_checkpointing == checkpointing
     generator = torch.Generator().manual_seed(0)
     size = student.config.sample_size
