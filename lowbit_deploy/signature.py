@@ -337,7 +337,8 @@ def unet_keywords(added: Mapping) -> dict:
     return keywords
 
 
-def _encoder_width(config) -> int:
+def encoder_states_width(config) -> int:
+    """Width of the ``encoder_hidden_states`` input a UNet config takes (one source for loading and export)."""
     # diffusers projects encoder_hid_dim-wide states to cross_attention_dim when encoder_hid_dim is set (text_proj)
     dim = config.get("encoder_hid_dim") or config["cross_attention_dim"]
     if isinstance(dim, (list, tuple)):
@@ -355,7 +356,7 @@ def signature_for(unet, seq_len: int, step_timesteps: Sequence[int] = (), schedu
     config = unet.config
     added = added_conditions_for(config)
     time_input = TimeInput.STEP_INDEX if step_timesteps else TimeInput.TIMESTEP
-    return DeployedSignature(sample_shape(unet), int(seq_len), _encoder_width(config), time_input,
+    return DeployedSignature(sample_shape(unet), int(seq_len), encoder_states_width(config), time_input,
                              tuple(int(t) for t in step_timesteps), schedule, added)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
+from ..signature import encoder_states_width
 
 UNET_CONFIG = "config.json"
 SCHEDULER_CONFIG = ("scheduler", "scheduler_config.json")
@@ -223,16 +224,6 @@ def _scheduler_config(root: Path) -> dict:
                         f"assumed)") from error
 
 
-def _cross_attention_dim(config: dict) -> int:
-    dim = config.get("encoder_hid_dim") or config.get("cross_attention_dim")
-    if isinstance(dim, (list, tuple)):
-        if len(set(dim)) != 1:
-            raise UserError(f"per-block cross_attention_dim {dim} is not supported; use a checkpoint with one "
-                            f"cross-attention width")
-        dim = dim[0]
-    return int(dim)
-
-
 RANDOM_CONDITIONS_FIX = ("for real conditions use a checkpoint folder with text_encoder/ and tokenizer/ (CLIP, "
                          "SD1.x/2.x layout) and name a prompts file in the recipe (conditions.prompts_file, one prompt "
                          "per line)")
@@ -255,7 +246,7 @@ def _choose_condition(root: Path, config: dict, prompts_file: str | None, varian
             report["warning"] = (f"conditions.prompts_file ({prompts_file}) is not used: this model is conditioned "
                                  f"on its own digit prompts")
         return condition, classifier, report
-    dim = _cross_attention_dim(config)
+    dim = encoder_states_width(config)
     pooled_dim = sdxl_text_embeds_dim(config)  # SDXL UNets also take the prompts' pooled text_embeds
     sdxl_layout = all((root / name).is_dir() for name in SDXL_DIRS)
     if prompts_file and has_text_encoder(root) and (pooled_dim is None or sdxl_layout):
