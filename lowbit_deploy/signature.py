@@ -244,6 +244,16 @@ def _refusal(key: str, value, why: str) -> UserError:
                      f"timestep and encoder_hidden_states plus {_SUPPORTED}; use such a checkpoint")
 
 
+def check_output_channels(config) -> None:
+    """The deployed output has the sample's shape (``OUTPUT_NAME``); a UNet whose output has other channels (inpainting
+    takes 9 and returns 4, learned-variance models return twice their input) is refused with the key named."""
+    in_channels, out_channels = config.get("in_channels", 4), config.get("out_channels", 4)
+    if out_channels != in_channels:
+        raise _refusal("out_channels", out_channels, f"its output has {out_channels} channels for {in_channels} "
+                       f"input channels (inpainting or learned variance), and the deployed output has the input's "
+                       f"shape")
+
+
 def _time_embed_dim(config) -> int:
     return int(config.get("time_embedding_dim") or 4 * config["block_out_channels"][0])
 
@@ -354,6 +364,7 @@ def signature_for(unet, seq_len: int, step_timesteps: Sequence[int] = (), schedu
     from .models import sample_shape
 
     config = unet.config
+    check_output_channels(config)
     added = added_conditions_for(config)
     time_input = TimeInput.STEP_INDEX if step_timesteps else TimeInput.TIMESTEP
     return DeployedSignature(sample_shape(unet), int(seq_len), encoder_states_width(config), time_input,

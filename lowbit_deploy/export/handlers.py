@@ -60,7 +60,9 @@ class UnpackDequantizeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, packed: torch.Tensor, scale: torch.Tensor, layer: "PackedLayer") -> torch.Tensor:
-        return layer.weight_value.clone()
+        # A view, not a copy: the ONNX tracer keeps every PythonOp output alive until the graph is done, so copies
+        # would hold a second fp32 weight set (an SDXL UNet: +10 GB at the export's peak, docs/scale.md).
+        return layer.weight_value.view_as(layer.weight_value)
 
     @staticmethod
     def symbolic(g, packed, scale, layer: "PackedLayer"):

@@ -72,7 +72,7 @@ class DequantizeInt4Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, codes: torch.Tensor, scale: torch.Tensor, layer: "NativeInt4Layer") -> torch.Tensor:
-        return layer.weight_value.clone()
+        return layer.weight_value.view_as(layer.weight_value)  # not a copy: see UnpackDequantizeFunction.forward
 
     @staticmethod
     def symbolic(g, codes, scale, layer: "NativeInt4Layer"):

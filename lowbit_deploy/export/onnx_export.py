@@ -135,18 +135,27 @@ def trace_to_onnx(model: nn.Module, signature: DeployedSignature, path: Path, op
                           output_names=[spec.name for spec in signature.outputs], opset_version=opset,
                           dynamic_axes=dynamic_axes, do_constant_folding=False)
     model = onnx.load(str(path))
+    _declare_signature_shapes(model, signature)
     if trace_side is not None:
-        _fix_spatial_axes(model, signature)
+        del model.graph.value_info[:]  # intermediate shape hints still name the traced symbolic axes
     return model
 
 
-def _fix_spatial_axes(model: onnx.ModelProto, signature: DeployedSignature) -> None:
-    height, width = signature.sample_shape[1:]
+def _declare_signature_shapes(model: onnx.ModelProto, signature: DeployedSignature) -> None:
+    """Declare every graph input and output with the signature's shape (fixed extents as values, dynamic axes by
+    name). The tracer's own declaration depends on what its shape inference got through: the spatial axes traced
+    dynamic, or an output behind a custom op left as ``Convnoise_pred_dim_1``-style names."""
+    specs = {spec.name: spec for spec in (*signature.inputs, *signature.outputs)}
     for value in (*model.graph.input, *model.graph.output):
-        if value.name in ("sample", signature.outputs[0].name):
-            dims = value.type.tensor_type.shape.dim
-            dims[2].dim_value, dims[3].dim_value = height, width  # setting the value clears the symbolic name
-    del model.graph.value_info[:]  # intermediate shape hints still name the traced symbolic axes
+        dims = value.type.tensor_type.shape.dim
+        shape = specs[value.name].shape
+        if len(dims) != len(shape):
+            raise RuntimeError(f"traced {value.name} has rank {len(dims)}, the signature says {shape}")
+        for dim, extent in zip(dims, shape):
+            if isinstance(extent, str):
+                dim.dim_param = extent
+            else:
+                dim.dim_value = extent  # setting the value clears a symbolic name
 
 
 def _count_nodes(model: onnx.ModelProto, op_type: str, domain: str = OP_DOMAIN) -> int:
@@ -188,15 +197,21 @@ def _save(model: onnx.ModelProto, target: Path) -> int:
     return target.stat().st_size + data.stat().st_size
 
 
-def export_deployed(deployed: DeployedUNet, out_path: str | Path, *, opset: int = 17) -> onnx.ModelProto:
-    """Trace the deployed UNet, attach the op's local function and the metadata, check and write the file."""
+def export_deployed(deployed: DeployedUNet, out_path: str | Path, *, opset: int = 17,
+                    trace_side: int | None = -1) -> onnx.ModelProto:
+    """Trace the deployed UNet, attach the op's local function and the metadata, check and write the file.
+
+    ``trace_side`` -1 (the default) traces at the smallest latent (:func:`trace_to_onnx`): the tracer keeps every
+    intermediate activation alive until the graph is done, which at full size is the export's peak (an SDXL UNet at
+    128x128: +8 GB over the model). None traces at the signature's size."""
     out_path = Path(out_path)
     native = native_int4_layers(deployed)
+    side = smallest_side(deployed.unet) if trace_side == -1 else trace_side
     with tempfile.TemporaryDirectory(prefix="lowbit-export-") as scratch:
         # INT4 DequantizeLinear exists from opset 21 on, past the TorchScript exporter's last opset: trace at that
         # and let finalize_native_int4 declare 21 (whatever export.opset asks for, which cannot hold INT4).
         model = trace_to_onnx(deployed, deployed.signature, Path(scratch) / "trace.onnx",
-                              TRACE_OPSET if native else opset)
+                              TRACE_OPSET if native else opset, trace_side=side)
     if native:
         finalize_native_int4(model, native)
         opset = NATIVE_INT4_OPSET

@@ -108,9 +108,10 @@ def _check_config(folder: Path) -> dict:
     if class_name != "UNet2DConditionModel":
         raise UserError(f"{folder / UNET_CONFIG} describes a {class_name}; lowbit-deploy quantizes "
                         f"UNet2DConditionModel checkpoints (SD1.x/2.x, SDXL, class-conditional): pass such a folder")
-    from ..signature import added_conditions_for
+    from ..signature import added_conditions_for, check_output_channels
 
-    added_conditions_for(config)  # inputs it cannot feed are refused now, before the weights are read
+    check_output_channels(config)  # what it cannot deploy is refused now, before the weights are read
+    added_conditions_for(config)
     return config
 
 

@@ -69,6 +69,7 @@ CLASS_STEP_INDEX = DeployedSignature((1, 8, 8), 4, 16, TimeInput.STEP_INDEX, (90
     ({"addition_embed_type": "image"}, "addition_embed_type='image'"),
     ({"encoder_hid_dim_type": "image_proj", "encoder_hid_dim": 16}, "encoder_hid_dim_type='image_proj'"),
     ({"class_embed_type": "learned"}, "class_embed_type='learned'"),
+    ({"out_channels": 2}, "out_channels=2"),  # learned variance: the output is not the sample's shape
     ({"class_embed_type": "projection", "projection_class_embeddings_input_dim": None},
      "class_embed_type='projection'"),
     # text_time without room for 6 time ids of addition_time_embed_dim features

@@ -58,6 +58,50 @@ def test_reference_traced_at_the_smallest_latent_is_the_full_size_graph(tmp_path
     assert read_signature(small) == read_signature(full)
 
 
+# Each deployed-contract feature the trace meets: packed W2 with a float timestep, per-step activation scales
+# (EfficientDM), native INT4 DequantizeLinear, SDXL added conditions with a cached time table, class labels.
+PACKED_CASES = {
+    "w2-balanced": ("make_tiny_unet", "TINY_RECIPE", None),
+    "efficientdm": ("make_tiny_unet", "TINY_EFFICIENTDM_RECIPE", None),
+    "native-int4": ("make_tiny_unet", "TINY_RECIPE", "native"),
+    "sdxl-cached": ("make_tiny_sdxl_unet", None, True),
+    "class-labels": ("make_tiny_class_unet", None, False),
+}
+
+
+@pytest.mark.parametrize("case", PACKED_CASES)
+def test_packed_export_traced_at_the_smallest_latent_is_the_full_size_graph(tmp_path, case):
+    import tinymodels
+
+    from lowbit_deploy.export.onnx_export import export_deployed
+    from lowbit_deploy.qat.checkpoint import load_checkpoint
+    from lowbit_deploy.qat.trainer import train
+
+    make, recipe_name, variant = PACKED_CASES[case]
+    if recipe_name is None:
+        data = tinymodels.tiny_family_recipe(cached=variant)
+    else:
+        data = copy.deepcopy(getattr(tinymodels, recipe_name))
+        if variant == "native":
+            from test_native_int4 import NATIVE_RULES
+
+            data["quantize"]["layers"][4:4] = NATIVE_RULES
+    getattr(tinymodels, make)().save_pretrained(tmp_path / "model" / "unet")
+    train(parse_recipe(data), tmp_path / "run", model_path=str(tmp_path / "model"), steps=0, progress=False)
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert checkpoint.signature.sample_shape[1] > onnx_export.smallest_side(checkpoint.unet)  # a real change of size
+    models = {}
+    for side in (-1, None):  # default: traced at the smallest latent; None: at the signature's size
+        deployed = deploy_unet(checkpoint.unet, checkpoint.plan, checkpoint.signature)
+        models[side] = export_deployed(deployed, tmp_path / f"{side}.onnx", trace_side=side)
+    small, full = models[-1], models[None]
+    assert _fingerprint(small) == _fingerprint(full)
+    assert _io(small) == _io(full)
+    assert {init.name: init.raw_data for init in small.graph.initializer} == \
+        {init.name: init.raw_data for init in full.graph.initializer}
+    assert small.metadata_props == full.metadata_props
+
+
 def test_reference_holds_the_deployed_weights_and_leaves_the_model_alone(trained):
     unet, _, _ = trained
     before = {key: tensor.clone() for key, tensor in unet.state_dict().items()}

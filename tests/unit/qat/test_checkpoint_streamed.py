@@ -30,7 +30,12 @@ def _stored(path):
         return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
 
 
-def test_every_tensor_is_loaded_as_stored(ptq_run):
+@pytest.mark.parametrize("mapped_bytes", [1, 10_000, None], ids=["one-tensor-per-open", "10kB-per-open", "default"])
+def test_every_tensor_is_loaded_as_stored(ptq_run, monkeypatch, mapped_bytes):
+    from lowbit_deploy.qat import checkpoint
+
+    if mapped_bytes is not None:  # the file is reopened every mapped_bytes: no tensor is skipped or read twice
+        monkeypatch.setattr(checkpoint, "MAPPED_BYTES_PER_OPEN", mapped_bytes)
     state, _ = _stored(checkpoint_file(ptq_run))
     loaded = load_checkpoint(ptq_run).unet.state_dict()
     assert loaded.keys() == state.keys()
