@@ -16,13 +16,15 @@ from ..errors import UserError
 
 GIB = 2**30
 FIXED_BYTES = int(1.5 * GIB)  # python, torch, onnx, onnxruntime, diffusers
-# export: the trained fp32 checkpoint (4 B) while it is deployed in place and traced (packed words, fp16 floats);
-# measured 7.40 GiB peak for 860M parameters (benchmarks/scale.py, 2026-12-05): 7.4 B per parameter past the fixed.
-EXPORT_BYTES_PER_PARAMETER = 7.5
-# the fp16 reference on top: its fp16 weights (2 B), the traced graph in torch and the ONNX proto read back (2 B each)
-FP16_REFERENCE_BYTES_PER_PARAMETER = 6.0
+# export: the trained fp32 checkpoint (4 B) while it is deployed in place (packed words, fp16 floats) and traced at
+# the smallest latent; measured peaks (benchmarks/scale.py, 2026-12-05): 5.25 GiB for 860M parameters (SD1.5 shape,
+# 4.7 B per parameter past the fixed), 13.78 GiB for 2,567M (SDXL shape, 5.1 B).
+EXPORT_BYTES_PER_PARAMETER = 5.5
+# the fp16 reference on top, built before the model is deployed: its fp16 weights (2 B), the traced graph in torch and
+# the ONNX proto read back (2 B each); measured 10.18 GiB with it for 860M parameters (10.8 B past the fixed).
+FP16_REFERENCE_BYTES_PER_PARAMETER = 6.5
 # validate: trained-then-deployed model (4 B + its decoded weights), the float teacher for the FP samples (4 B), one
-# ORT session (packed, no arena) at the sampling batch: measured 13.54 GiB peak for 860M parameters (15.0 B past the
+# ORT session (packed, no arena) at the sampling batch: measured 13.41 GiB peak for 860M parameters (14.9 B past the
 # fixed cost; benchmarks/scale.py, 2026-12-05).
 VALIDATE_BYTES_PER_PARAMETER = 16.0
 # train, held in host memory whatever the device (both UNets load there first): the float teacher and the quantized
