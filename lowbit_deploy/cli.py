@@ -167,7 +167,8 @@ def validate(run_dir: Path, max_abs, max_rel, min_cosine, min_sqnr_db, min_psnr_
         gates = gates.model_copy(update={"per_layer_min_sqnr_db": per_layer_min_sqnr_db})
     if gates.follow_floor is not None:  # a gate given as a flag is used as given, not relative to the noise floor
         fixed = {"output_margin_db": min_sqnr_db, "max_abs_factor": max_abs,
-                 "per_layer_margin_db": per_layer_min_sqnr_db, "sampling_margin_db": min_psnr_db}
+                 "per_layer_margin_db": per_layer_min_sqnr_db, "sampling_margin_db": min_psnr_db,
+                 "sampling_flip_margin_db": min_psnr_db}
         gates = gates.model_copy(update={"follow_floor": gates.follow_floor.model_copy(
             update={key: None for key, flag in fixed.items() if flag is not None})})
     sampling_overrides = {k: v for k, v in dict(min_psnr_db=min_psnr_db, num_samples=samples,
@@ -205,7 +206,9 @@ def _print_validation(report: dict) -> None:
                    f"{gates['onnxruntime']['min_sqnr_db']} dB, max_abs <= {gates['onnxruntime']['max_abs']}; "
                    f"per-layer >= {gates['per_layer_min_sqnr_db']} dB"
                    + (f"; sampling PSNR >= {report['sampling']['min_psnr_db']} dB"
-                      if "min_psnr_db" in report["sampling"] else ""))
+                      if "min_psnr_db" in report["sampling"] else "")
+                   + (f" (one activation rounding flip per image: {report['sampling']['one_flip_psnr_db']:.1f} dB)"
+                      if "one_flip_psnr_db" in report["sampling"] else ""))
     for key, label in (("per_layer", "per-layer"), ("per_layer_tensorrt", "per-layer tensorrt")):
         per_layer = report.get(key) or {}
         if "verdict" in per_layer:

@@ -83,7 +83,8 @@ def test_gates_written_in_a_recipe_are_fixed():
     section = ValidateSection.model_validate({"gates": {"onnxruntime": ONNXRUNTIME_GATES.model_dump()},
                                               "sampling": {"min_psnr_db": 90.0}})
     follow = section.gates.follow_floor
-    assert (follow.output_margin_db, follow.max_abs_factor, follow.sampling_margin_db) == (None, None, None)
+    assert (follow.output_margin_db, follow.max_abs_factor, follow.sampling_margin_db,
+            follow.sampling_flip_margin_db) == (None, None, None, None)
     assert follow.per_layer_margin_db == 20.0
     assert ValidateSection.model_validate(section.model_dump()) == section  # stable through checkpoint JSON
 
