@@ -38,6 +38,12 @@ def _check_range(index: torch.Tensor, num_steps: int, what: str) -> None:
                         f"0..{num_steps - 1})")
 
 
+def as_index(step_index: torch.Tensor) -> torch.Tensor:
+    """``step_index`` as int64, converted only where it is not: the tracer maps a tensor to its last recorded value,
+    so a no-op ``.to(torch.int64)`` would put an int64 -> int64 Cast in front of every later use of the input."""
+    return step_index if step_index.dtype == torch.int64 else step_index.to(torch.int64)
+
+
 class StepIndexProjection(nn.Module):
     """Stands in for ``time_proj`` when time features are cached: the UNet's "timesteps" are step indexes, passed
     through unchanged (and published for the per-step activation scales)."""
@@ -47,7 +53,7 @@ class StepIndexProjection(nn.Module):
         self.context = context
 
     def forward(self, step_index: torch.Tensor) -> torch.Tensor:
-        self.context.index = step_index.to(torch.int64)
+        self.context.index = as_index(step_index)
         return step_index
 
 
@@ -63,7 +69,7 @@ class StepIndexToTimestep(nn.Module):
         self.context = context
 
     def forward(self, step_index: torch.Tensor) -> torch.Tensor:
-        index = step_index.to(torch.int64)
+        index = as_index(step_index)
         _check_range(index, self.step_timestep.numel(), "this model's activation scales are trained for")
         self.context.index = index
         return self.inner(self.step_timestep.index_select(0, index))
@@ -102,7 +108,7 @@ class CachedTimeEmbedding(nn.Module):
         self.num_steps = num_steps
 
     def forward(self, step_index: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
-        index = step_index.to(torch.int64)
+        index = as_index(step_index)
         _check_range(index, self.num_steps, "time features are cached for")
         self.context.index = index
         rows = index if self.has_table else torch.zeros_like(index)

@@ -100,6 +100,22 @@ def test_packed_export_traced_at_the_smallest_latent_is_the_full_size_graph(tmp_
     assert {init.name: init.raw_data for init in small.graph.initializer} == \
         {init.name: init.raw_data for init in full.graph.initializer}
     assert small.metadata_props == full.metadata_props
+    casts = _no_op_index_casts(small)
+    assert casts == [], casts
+
+
+def _no_op_index_casts(model: onnx.ModelProto) -> list[str]:
+    """Cast nodes on the step index's way in (through Expand) that leave it int64: the tracer records one for a no-op
+    ``.to(torch.int64)`` (diffusers' own shape-arithmetic casts are left to the runtimes' optimizers)."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+
+    def from_step_index(name: str) -> bool:
+        while name in producers and producers[name].op_type == "Expand":
+            name = producers[name].input[0]
+        return name == "step_index"
+
+    return [node.name for node in model.graph.node if node.op_type == "Cast" and from_step_index(node.input[0])
+            and next(a.i for a in node.attribute if a.name == "to") == onnx.TensorProto.INT64]
 
 
 def test_reference_holds_the_deployed_weights_and_leaves_the_model_alone(trained):
