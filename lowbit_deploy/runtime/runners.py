@@ -181,7 +181,7 @@ class EngineRunner:
             raise UserError(f"engine {self.engine_path} does not exist; run `lowbit-deploy build RUN_DIR` first")
         self.signature = signature or _signature_beside(self.engine_path)
         built_for = list(built_for) if built_for is not None else _built_for(self.engine_path)
-        reason = trt_runtime.unavailable_reason(built_for)
+        reason = trt_runtime.unavailable_reason(built_for, plugin)
         if reason:
             raise BackendUnavailableError(
                 f"cannot run {self.engine_path} here: {reason}. Run it on a machine that can, or run the ONNX file "

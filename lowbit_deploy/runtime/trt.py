@@ -47,26 +47,40 @@ def device_compute_capability() -> str:
     return f"{major}.{minor}"
 
 
-def unavailable_reason(built_for: list[str] | None = None) -> str | None:
+def unavailable_reason(built_for: list[str] | None = None, plugin: str = "auto") -> str | None:
     """Why an engine (built ahead of time for ``built_for`` compute capabilities, or ``["current"]``) cannot run
-    here -- no GPU, no TensorRT, no CUDA kernel library for the plugin, another GPU architecture -- or None."""
+    here with ``plugin`` (:data:`RUNTIME_PLUGINS`) -- no GPU, no TensorRT, neither plugin's native code, another GPU
+    architecture -- or None. The C++ plugin library carries its own kernels: lowbit_deploy's CUDA kernel library is
+    needed only where the Python plugin runs (``plugin`` "python", or "auto" without a C++ library)."""
     if not gpu_available():
         return "no GPU"
     from ..engines import backend_unavailable_reason
-    from ..engines.kernels import ensure_kernel_library
 
     reason = backend_unavailable_reason()
     if reason:
         return reason
-    try:
-        ensure_kernel_library()
-    except UserError as error:
-        return f"the plugin's CUDA kernel library is unavailable ({error})"
+    if plugin == "python" or not _cpp_library_found():
+        from ..engines.kernels import ensure_kernel_library
+
+        try:
+            ensure_kernel_library()
+        except UserError as error:
+            return f"the plugin's CUDA kernel library is unavailable ({error})"
     device = device_compute_capability()
     if built_for and "current" not in built_for and device not in built_for:
         return (f"engine built for compute capabilities {', '.join(built_for)}, this GPU is {device}; rebuild with "
                 f"--compute-capability {device} if your TensorRT targets it")
     return None
+
+
+def _cpp_library_found() -> bool:
+    """Whether the C++ plugin library for the installed TensorRT exists where the runtime looks for it (its creators
+    are checked when it is loaded: register_engine_plugins)."""
+    from ..engines.plugin_library import library_family, resolve_plugin_library
+    from ..engines.tensorrt_import import tensorrt_backend
+
+    path, _ = resolve_plugin_library(library_family(tensorrt_backend()))
+    return path.is_file()
 
 
 def _torch_dtype(trt: Any, data_type: Any) -> Any:

@@ -111,7 +111,7 @@ def engine_run(cached_run, tmp_path, monkeypatch):
     (run / "model.engine").write_bytes(b"not an engine: the stand-in never reads it")
     (run / "report.json").write_text(json.dumps({"build": {"compute_capabilities": ["8.9"]}}))
     asked = []
-    monkeypatch.setattr(trt_runtime, "unavailable_reason", lambda built_for: asked.append(built_for))
+    monkeypatch.setattr(trt_runtime, "unavailable_reason", lambda built_for, plugin: asked.append(built_for))
     monkeypatch.setattr(trt_runtime, "TrtRunner", _FakeEngine)
     _FakeEngine.calls = []
     return run, asked
@@ -164,7 +164,7 @@ def test_engine_without_its_onnx_needs_a_signature(engine_run):
 
 def test_engine_that_cannot_run_here_says_why(engine_run, monkeypatch):
     run, _ = engine_run
-    monkeypatch.setattr(trt_runtime, "unavailable_reason", lambda built_for: "no GPU")
+    monkeypatch.setattr(trt_runtime, "unavailable_reason", lambda built_for, plugin: "no GPU")
     with pytest.raises(BackendUnavailableError, match="cannot run .*model.engine here: no GPU.*model.onnx") as error:
         open_runner(run / "model.engine")
     assert error.value.reason == "no GPU"

@@ -224,3 +224,32 @@ def test_without_a_gpu_the_runner_stops_first(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(trt_runtime, "register_engine_plugins", lambda *a: pytest.fail("plugins registered"))
     with pytest.raises(trt_runtime.GpuUnavailableError, match="not run: no GPU"):
         trt_runtime.TrtRunner(tmp_path / "model.engine")
+
+
+@pytest.mark.parametrize(("plugin", "cpp_library", "needs_kernels"), [
+    ("auto", True, False),    # the C++ library carries its own kernels
+    ("cpp", True, False),
+    ("auto", False, True),    # no C++ library: the Python plugin runs, on lowbit_deploy's kernel library
+    ("python", True, True),
+])
+def test_the_kernel_library_is_required_only_where_the_python_plugin_runs(monkeypatch, plugin, cpp_library,
+                                                                          needs_kernels):
+    """The decision on a GPU machine, emulated: every other requirement met, the kernel library missing."""
+    from lowbit_deploy.engines import kernels
+    from lowbit_deploy.errors import UserError
+    from lowbit_deploy.runtime import trt
+
+    monkeypatch.setattr(trt, "gpu_available", lambda: True)
+    monkeypatch.setattr("lowbit_deploy.engines.backend_unavailable_reason", lambda: None)
+    monkeypatch.setattr(trt, "device_compute_capability", lambda: "9.0")
+    monkeypatch.setattr(trt, "_cpp_library_found", lambda: cpp_library)
+
+    def missing():
+        raise UserError("liblowbit_kernels.so is not built")
+
+    monkeypatch.setattr(kernels, "ensure_kernel_library", missing)
+    reason = trt.unavailable_reason(["9.0"], plugin)
+    assert (reason == "the plugin's CUDA kernel library is unavailable (liblowbit_kernels.so is not built)") == \
+        needs_kernels
+    assert needs_kernels or reason is None
+    assert trt.unavailable_reason(["8.9"], plugin) is not None  # another architecture stays refused
