@@ -192,6 +192,11 @@ def with_overrides(section, overrides: dict):
         raise UserError(f"invalid option value: {problems}") from None
 
 
+def _db(value: float | str) -> str:
+    """A report's dB figure: a number, or the string report.json keeps for infinity (identical outputs)."""
+    return f"{value:.1f} dB" if isinstance(value, (int, float)) else f"{value} dB"
+
+
 def _print_validation(report: dict) -> None:
     for item in report["parity"]:
         stats = item["stats"]
@@ -207,7 +212,7 @@ def _print_validation(report: dict) -> None:
                    f"per-layer >= {gates['per_layer_min_sqnr_db']} dB"
                    + (f"; sampling PSNR >= {report['sampling']['min_psnr_db']} dB"
                       if "min_psnr_db" in report["sampling"] else "")
-                   + (f" (one activation rounding flip per image: {report['sampling']['one_flip_psnr_db']:.1f} dB)"
+                   + (f" (one activation rounding flip per image: {_db(report['sampling']['one_flip_psnr_db'])})"
                       if "one_flip_psnr_db" in report["sampling"] else ""))
     for key, label in (("per_layer", "per-layer"), ("per_layer_tensorrt", "per-layer tensorrt")):
         per_layer = report.get(key) or {}

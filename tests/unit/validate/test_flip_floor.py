@@ -112,3 +112,15 @@ def test_an_artifact_further_off_than_one_flip_fails_the_one_flip_gate(context, 
     broken = sampling_parity(*args, off, config, steps, tmp_path / "b.png", (one_flip_runner(context.deployed), 5.0))
     assert clean["status"] == "passed" and clean["min_psnr_db"] == broken["min_psnr_db"] < 1000.0
     assert broken["status"] == "failed", broken
+
+
+@pytest.mark.parametrize(("flip_psnr", "shown"), [(35.6871, "35.7 dB"), ("inf", "inf dB")])
+def test_the_gates_line_shows_the_one_flip_psnr_finite_or_not(capsys, flip_psnr, shown):
+    """A flip every later layer absorbs leaves the images equal: report.json keeps "inf", and the line still prints."""
+    from lowbit_deploy.cli import _print_validation
+
+    report = {"parity": [], "noise_floor": {"sqnr_db": 137.31}, "sampling": {"min_psnr_db": 30.7,
+                                                                             "one_flip_psnr_db": flip_psnr},
+              "gates": {"onnxruntime": {"min_sqnr_db": 127.3, "max_abs": 1.9e-6}, "per_layer_min_sqnr_db": 117.3}}
+    _print_validation(report)
+    assert f"sampling PSNR >= 30.7 dB (one activation rounding flip per image: {shown})" in capsys.readouterr().out
